@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT_NAME = "cross-image-attention-inversion"
@@ -126,7 +126,7 @@ class InversionResult:
                         f"missing tensors {sorted(missing)})."
                     )
                 tensors = {name: handle.get_tensor(name) for name in ("latents", "noise", "timesteps")}
-        except (OSError, RuntimeError) as error:  # unreadable or not safetensors at all
+        except (OSError, RuntimeError, SafetensorError) as error:  # unreadable, or not safetensors at all
             raise ValueError(f"Cannot read an InversionResult from {path}: {error}") from error
         if metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(
