@@ -215,11 +215,17 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
     # Inputs
     # ------------------------------------------------------------------------------------------------------------
 
-    def _check_size(self, height, width) -> None:
+    def _check_schedule(self, num_inference_steps, skip_steps, height, width) -> tuple[int, int]:
+        """Validate the settings shared by inversion and transfer; returns the step counts as ints."""
         for name, value in (("height", height), ("width", width)):
             _check_int(value, name, self.size_multiple)
             if value % self.size_multiple:
                 raise ValueError(f"`{name}` must be a multiple of {self.size_multiple}, got {value}.")
+        num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1)
+        skip_steps = _check_int(skip_steps, "skip_steps", 0)
+        if skip_steps >= num_inference_steps:
+            raise ValueError(f"`skip_steps` ({skip_steps}) must be smaller than `num_inference_steps`.")
+        return num_inference_steps, skip_steps
 
     @staticmethod
     def _as_list(images, name: str) -> list | None:
@@ -309,6 +315,55 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
             )
         # One generator (or the global RNG) draws for every image, one pair after the other.
         return [generator] * num_pairs
+
+    @staticmethod
+    def _count_pairs(*branches) -> int:
+        """Check that each branch has images or an inversion (not both); the number of pairs they form."""
+        counts = set()
+        for name, images, inversion in branches:
+            if images is None and inversion is None:
+                raise ValueError(f"Pass `{name}_image` or `{name}_inversion`.")
+            if images is not None and inversion is not None:
+                raise ValueError(f"Pass `{name}_image` or `{name}_inversion`, not both.")
+            if inversion is not None and not isinstance(inversion, InversionResult):
+                raise TypeError(f"`{name}_inversion` must be an InversionResult, got {type(inversion).__name__}.")
+            counts.add(len(images) if images is not None else inversion.batch_size)
+        if len(counts - {1}) > 1:
+            raise ValueError(f"Appearance and structure batches must have equal lengths or length 1, got {counts}.")
+        return max(counts)
+
+    def _given_masks(self, appearance_mask, structure_mask, use_masked_adain, num_pairs, height, width):
+        """The user's masks per pair on the latent grid (see [`_usable_masks`]), or None when none were given."""
+        if (appearance_mask is None) != (structure_mask is None):
+            raise ValueError("Pass both `appearance_mask` and `structure_mask`, or neither.")
+        if appearance_mask is None:
+            return None
+        if not use_masked_adain:
+            raise ValueError("Masks are only used by masked AdaIN; set `use_masked_adain=True` or drop the masks.")
+        app_masks = _per_pair(appearance_mask, "appearance_mask", num_pairs, (object,))
+        struct_masks = _per_pair(structure_mask, "structure_mask", num_pairs, (object,))
+        return self._usable_masks(
+            [
+                (
+                    self._mask_to_latent_grid(app_mask, "appearance_mask", height, width),
+                    self._mask_to_latent_grid(struct_mask, "structure_mask", height, width),
+                )
+                for app_mask, struct_mask in zip(app_masks, struct_masks)
+            ]
+        )
+
+    def _object_noun_positions(self, prompts: list[str], object_nouns: list) -> list:
+        """Token positions of each pair's object noun in its prompt (self-segmentation scores clusters with them)."""
+        if None in object_nouns:
+            raise ValueError(
+                "`use_masked_adain=True` needs `domain_name` (or `object_noun`) to find the object, or both "
+                "`appearance_mask` and `structure_mask`; or pass `use_masked_adain=False`."
+            )
+        positions = [noun_token_positions(self.tokenizer, p, n) for p, n in zip(prompts, object_nouns)]
+        for found, p, n in zip(positions, prompts, object_nouns):
+            if not found:
+                raise ValueError(f"`object_noun` {n!r} does not occur in the prompt {p!r}.")
+        return positions
 
     def _check_inversion(self, inversion, name, timesteps, num_inference_steps, skip_steps, guidance, height, width):
         latent_shape = (
@@ -538,11 +593,7 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         """
         images = self._as_list(image, "image")
         num_images = len(images)
-        self._check_size(height, width)
-        num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1)
-        skip_steps = _check_int(skip_steps, "skip_steps", 0)
-        if skip_steps >= num_inference_steps:
-            raise ValueError(f"`skip_steps` ({skip_steps}) must be smaller than `num_inference_steps`.")
+        num_inference_steps, skip_steps = self._check_schedule(num_inference_steps, skip_steps, height, width)
         guidance_scale = _check_scale(guidance_scale, "guidance_scale")
         prompts = self._prompts(prompt, domain_name, num_images)
         generators = self._generators_per_pair(generator, num_images)
@@ -644,12 +695,8 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         Returns:
             [`CrossImageAttentionPipelineOutput`] or `tuple` in the same order.
         """
-        # 0. Check the arguments
-        self._check_size(height, width)
-        num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1)
-        skip_steps = _check_int(skip_steps, "skip_steps", 0)
-        if skip_steps >= num_inference_steps:
-            raise ValueError(f"`skip_steps` ({skip_steps}) must be smaller than `num_inference_steps`.")
+        # 1. Check the arguments; bring every per-pair argument to one entry per pair
+        num_inference_steps, skip_steps = self._check_schedule(num_inference_steps, skip_steps, height, width)
         swap_guidance_scale = _check_scale(swap_guidance_scale, "swap_guidance_scale")
         contrast_strength = _check_scale(contrast_strength, "contrast_strength")
         inversion_guidance_scale = _check_scale(inversion_guidance_scale, "inversion_guidance_scale")
@@ -668,24 +715,10 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
 
         appearance_images = self._as_list(appearance_image, "appearance_image")
         structure_images = self._as_list(structure_image, "structure_image")
-        for name, images, inversion in (
+        num_pairs = self._count_pairs(
             ("appearance", appearance_images, appearance_inversion),
             ("structure", structure_images, structure_inversion),
-        ):
-            if images is None and inversion is None:
-                raise ValueError(f"Pass `{name}_image` or `{name}_inversion`.")
-            if images is not None and inversion is not None:
-                raise ValueError(f"Pass `{name}_image` or `{name}_inversion`, not both.")
-            if inversion is not None and not isinstance(inversion, InversionResult):
-                raise TypeError(f"`{name}_inversion` must be an InversionResult, got {type(inversion).__name__}.")
-        counts = {
-            len(appearance_images) if appearance_images is not None else appearance_inversion.batch_size,
-            len(structure_images) if structure_images is not None else structure_inversion.batch_size,
-        }
-        num_pairs = max(counts)
-        if len(counts - {1}) > 1:
-            raise ValueError(f"Appearance and structure batches must have equal lengths or length 1, got {counts}.")
-
+        )
         prompts = self._prompts(prompt, domain_name, num_pairs)
         domains = _per_pair(domain_name, "domain_name", num_pairs)
         object_nouns = [
@@ -694,38 +727,12 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         ]
         generators = self._generators_per_pair(generator, num_pairs)
 
-        pair_masks = None  # per pair: (appearance mask, structure mask) on the latent grid, or None for plain AdaIN
-        if (appearance_mask is None) != (structure_mask is None):
-            raise ValueError("Pass both `appearance_mask` and `structure_mask`, or neither.")
-        if appearance_mask is not None:
-            if not use_masked_adain:
-                raise ValueError("Masks are only used by masked AdaIN; set `use_masked_adain=True` or drop the masks.")
-            pair_masks = self._usable_masks(
-                [
-                    (
-                        self._mask_to_latent_grid(app_mask, "appearance_mask", height, width),
-                        self._mask_to_latent_grid(struct_mask, "structure_mask", height, width),
-                    )
-                    for app_mask, struct_mask in zip(
-                        _per_pair(appearance_mask, "appearance_mask", num_pairs, (object,)),
-                        _per_pair(structure_mask, "structure_mask", num_pairs, (object,)),
-                    )
-                ]
-            )
+        # Per pair: (appearance mask, structure mask) on the latent grid, or None for plain AdaIN.
+        pair_masks = self._given_masks(appearance_mask, structure_mask, use_masked_adain, num_pairs, height, width)
         # Masks come from self-segmentation when masked AdaIN is on, no masks were given and AdaIN runs at all.
         num_steps = num_inference_steps - skip_steps
         segment = use_masked_adain and pair_masks is None and adain_range[0] < min(adain_range[1], num_steps)
-        noun_positions = None
-        if segment:
-            if None in object_nouns:
-                raise ValueError(
-                    "`use_masked_adain=True` needs `domain_name` (or `object_noun`) to find the object, or both "
-                    "`appearance_mask` and `structure_mask`; or pass `use_masked_adain=False`."
-                )
-            noun_positions = [noun_token_positions(self.tokenizer, p, n) for p, n in zip(prompts, object_nouns)]
-            for positions, p, n in zip(noun_positions, prompts, object_nouns):
-                if not positions:
-                    raise ValueError(f"`object_noun` {n!r} does not occur in the prompt {p!r}.")
+        noun_positions = self._object_noun_positions(prompts, object_nouns) if segment else None
 
         device = self._execution_device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -785,6 +792,7 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         guidance_end = max(cross_attn_32_range[1], cross_attn_64_range[1])
         guidance_scales = np.linspace(swap_guidance_scale, max(swap_guidance_scale / 2, 1.0), num_steps)
         controller = CrossImageAttentionController(num_pairs=num_pairs, contrast_strength=contrast_strength)
+        level_ranges = {HIGHEST_RESOLUTION_LEVEL: cross_attn_64_range, SECOND_RESOLUTION_LEVEL: cross_attn_32_range}
         latent_grid = tuple(latents.shape[-2:])
         pair_rows, app_rows = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
 
@@ -799,12 +807,7 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
                     # step, so they lag one step behind the loop index (guidance and AdaIN use the index itself).
                     counter = max(i - 1, 0)
                     controller.mixing_levels = frozenset(
-                        level
-                        for level, (start, end) in (
-                            (HIGHEST_RESOLUTION_LEVEL, cross_attn_64_range),
-                            (SECOND_RESOLUTION_LEVEL, cross_attn_32_range),
-                        )
-                        if start <= counter < end
+                        level for level, (start, end) in level_ranges.items() if start <= counter < end
                     )
                     # Every fifth step among the first forty the output takes the structure's keys and values.
                     controller.use_structure_kv = counter % 5 == 0 and counter < 40
