@@ -118,8 +118,10 @@ def test_precomputed_inversions_equal_inverting_in_the_call(tiny_pipe, cat_image
         structure_inversion=struct,
         **{**SMALL_CALL, "output_type": "latent"},
     )
-    assert torch.allclose(out.images, inline.images, atol=1e-5)
-    assert torch.allclose(reloaded.noise, inline.appearance_inversion.noise, atol=1e-5)
+    # Inverting one image per UNet call instead of all four rows at once changes rounding (~1e-6), which the division
+    # by small sigmas amplifies in the noise maps (measured 6.7e-5) and leaves ~1.5e-5 on the output latents.
+    assert torch.allclose(out.images, inline.images, atol=1e-4)
+    assert torch.allclose(reloaded.noise, inline.appearance_inversion.noise, atol=1e-4)
 
 
 def test_an_image_and_an_inversion_can_be_mixed(tiny_pipe, cat_image, astronaut_image):
