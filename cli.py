@@ -1,0 +1,387 @@
+"""Command line interface: appearance transfer between two image files, with the reference's `run.py` options.
+
+    cross-image-attention --app_image_path zebra.png --struct_image_path giraffe.png --domain_name animal
+
+writes to `--output_path` the transfer (`transfer.png`), the strip `[structure | appearance | transfer]` of the
+reference (`strip.png`, its first two panels are the pipeline's reconstructions) and the run's settings
+(`config.json`). Without image paths the bundled example pair in `examples/` is used.
+
+Inversions are cached as safetensors files named by a hash of the image file's bytes and of every setting that
+changes the inversion, never by file name; `--load_latents` reuses them.
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import PIL.Image
+import torch
+import transformers
+
+from . import __version__
+from .inversion import InversionResult
+from .pipeline_cross_image import CrossImageAttentionPipeline
+
+EXAMPLES = Path(__file__).parent / "examples"
+# The bundled pair (sources and licences in examples/LICENSE.md): a raccoon's look on Chelsea the cat.
+EXAMPLE_APPEARANCE = EXAMPLES / "raccoon.jpg"
+EXAMPLE_STRUCTURE = EXAMPLES / "chelsea.jpg"
+EXAMPLE_DOMAIN = "animal"
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The reference inverts with this classifier-free guidance scale; it is a constant there, not an option.
+INVERSION_GUIDANCE_SCALE = 3.5
+# A Hub repository id, "name" or "namespace/name"; anything else that does not exist locally is a missing folder.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+ROLES = ("appearance", "structure")
+
+
+def parse_bool(text: str) -> bool:
+    """An argparse type for `--flag true/false` (the reference's pyrallis style)."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of the reference's `RunConfig`, plus model, device, dtype, size and cache folder."""
+    parser = argparse.ArgumentParser(
+        prog="cross-image-attention",
+        description="Cross-Image Attention for Zero-Shot Appearance Transfer: render the structure image's object "
+        "with the appearance image's look. Without image paths, the bundled example pair is used.",
+    )
+    parser.add_argument("--app_image_path", type=Path, help="image whose appearance is transferred")
+    parser.add_argument("--struct_image_path", type=Path, help="image whose structure is kept")
+    parser.add_argument(
+        "--domain_name", help='the objects\' class, e.g. "animal" (needed by masked AdaIN; default prompt)'
+    )
+    parser.add_argument("--prompt", help='the prompt (default: "A photo of a {domain_name}")')
+    parser.add_argument("--object_noun", help="word of the prompt naming the object (default: the domain name)")
+    parser.add_argument("--output_path", type=Path, default=Path("output"), help="output folder (default: output)")
+    parser.add_argument("--cache_dir", type=Path, help="inversion cache folder (default: OUTPUT_PATH/inversions)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed of the inversions (default: 42)")
+    parser.add_argument("--num_timesteps", type=int, default=100, help="length of the DDIM schedule (default: 100)")
+    parser.add_argument("--skip_steps", type=int, default=32, help="noisiest steps skipped (default: 32)")
+    parser.add_argument("--swap_guidance_scale", type=float, default=3.5, help="appearance guidance (default: 3.5)")
+    parser.add_argument(
+        "--contrast_strength", type=float, default=1.67, help="attention contrast strength (default: 1.67)"
+    )
+    parser.add_argument(
+        "--use_masked_adain",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="restrict AdaIN to the objects found by self-segmentation (default: true)",
+    )
+    parser.add_argument(
+        "--no-use_masked_adain", dest="use_masked_adain", action="store_false", help="same as --use_masked_adain false"
+    )
+    parser.add_argument(
+        "--load_latents",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="reuse cached inversions of the same image bytes and settings (default: invert and overwrite)",
+    )
+    for flag, (start, end), what in (
+        ("--cross_attn_32_range", (10, 70), "cross-image attention at 32x32 tokens"),
+        ("--cross_attn_64_range", (10, 90), "cross-image attention at 64x64 tokens"),
+        ("--adain_range", (20, 100), "AdaIN"),
+    ):
+        parser.add_argument(
+            flag,
+            type=int,
+            nargs=2,
+            default=(start, end),
+            metavar=("START", "END"),
+            help=f"denoising steps with {what} (default: {start} {end})",
+        )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available, else cpu)",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default: float32)")
+    parser.add_argument("--height", type=int, default=512, help="image height in pixels (default: 512)")
+    parser.add_argument("--width", type=int, default=512, help="image width in pixels (default: 512)")
+    return parser
+
+
+def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path, str | None]:
+    """The appearance and structure paths and the domain name: the bundled pair when no path is given."""
+    if args.app_image_path is None and args.struct_image_path is None:
+        return EXAMPLE_APPEARANCE, EXAMPLE_STRUCTURE, args.domain_name or EXAMPLE_DOMAIN
+    if args.app_image_path is None or args.struct_image_path is None:
+        raise ValueError("pass both --app_image_path and --struct_image_path, or neither to run the bundled example")
+    return args.app_image_path, args.struct_image_path, args.domain_name
+
+
+def check_settings(args: argparse.Namespace, domain_name: str | None) -> None:
+    """Reject bad values before the model is loaded, naming the flag."""
+    if args.num_timesteps < 1:
+        raise ValueError(f"--num_timesteps must be at least 1, got {args.num_timesteps}")
+    if not 0 <= args.skip_steps < args.num_timesteps:
+        raise ValueError(
+            f"--skip_steps must be in [0, --num_timesteps), got {args.skip_steps} with --num_timesteps "
+            f"{args.num_timesteps}"
+        )
+    for flag in ("swap_guidance_scale", "contrast_strength"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{flag} must be a finite number >= 0, got {value}")
+    for flag in ("cross_attn_32_range", "cross_attn_64_range", "adain_range"):
+        start, end = getattr(args, flag)
+        if not 0 <= start <= end:
+            raise ValueError(f"--{flag} must be START END with 0 <= START <= END, got {start} {end}")
+    # Positive only: the multiple the sides need depends on the model, and the pipeline checks it.
+    for flag in ("height", "width"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.use_masked_adain and domain_name is None:
+        raise ValueError(
+            "--use_masked_adain needs --domain_name to find the objects; or pass --use_masked_adain false"
+        )
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device; an unknown name or a missing CUDA is an error rather than a traceback later."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    return device
+
+
+def check_model(model: str) -> None:
+    """A local model must be a diffusers pipeline folder; other names must look like a Hub id."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"--model: not a diffusers pipeline folder (no model_index.json): {model}")
+    elif path.exists():
+        raise ValueError(f"--model: not a folder: {model}")
+    elif not HUB_ID.fullmatch(model):
+        raise ValueError(f"--model: no such folder: {model}")
+
+
+def read_image(path: Path, flag: str) -> tuple[bytes, PIL.Image.Image]:
+    """The file's bytes (for the cache key) and the RGB image decoded from those same bytes."""
+    if not path.exists():
+        raise ValueError(f"{flag}: no such file: {path}")
+    if not path.is_file():
+        raise ValueError(f"{flag}: not a file: {path}")
+    data = path.read_bytes()
+    try:
+        image = PIL.Image.open(io.BytesIO(data)).convert("RGB")
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{flag}: not an image: {path}") from None
+    except OSError as error:  # e.g. a truncated file
+        raise ValueError(f"{flag}: cannot read the image {path}: {error}") from None
+    return data, image
+
+
+def inversion_settings(args: argparse.Namespace, prompt: str) -> dict:
+    """Everything besides the image that determines its inversion, for the cache key."""
+    model = Path(args.model)
+    return {
+        "prompt": prompt,
+        "num_timesteps": args.num_timesteps,
+        "skip_steps": args.skip_steps,
+        "guidance_scale": INVERSION_GUIDANCE_SCALE,
+        "height": args.height,
+        "width": args.width,
+        "model": str(model.resolve()) if model.exists() else args.model,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "version": __version__,
+    }
+
+
+def cache_key(image_bytes: bytes, role: str, settings: dict) -> str:
+    """sha256 of the image bytes, the role and the settings.
+
+    The role is part of the key because both images draw their noise from one generator, appearance first: the
+    same file inverted as the structure gets other noise than as the appearance.
+    """
+    payload = {"image_sha256": hashlib.sha256(image_bytes).hexdigest(), "role": role, **settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device) -> CrossImageAttentionPipeline:
+    """The model as a `CrossImageAttentionPipeline` (its scheduler becomes DDIM), in the dtype, on the device."""
+    pipe = CrossImageAttentionPipeline.from_pretrained(
+        args.model,
+        dtype=DTYPES[args.dtype],  # diffusers >= 0.40 name; `torch_dtype` is deprecated
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device)
+
+
+def invert_or_load(
+    pipe: CrossImageAttentionPipeline,
+    images: list[PIL.Image.Image],
+    paths: list[Path],
+    reuse: bool,
+    args: argparse.Namespace,
+    prompt: str,
+) -> list[InversionResult]:
+    """The appearance and structure inversions, from the cache files `paths` or computed and saved there."""
+    cached = [reuse and path.is_file() for path in paths]
+    # The structure's noise is drawn after the appearance's from the same generator, as in the reference. A
+    # structure that must be inverted therefore needs the appearance inverted before it, even when the appearance
+    # is cached, or its noise would differ from an uncached run's.
+    cached[0] = cached[0] and cached[1]
+    generator = torch.Generator().manual_seed(args.seed)
+    inversions = []
+    for role, image, path, hit in zip(ROLES, images, paths, cached):
+        if hit:
+            print(f"Loading the cached {role} inversion {path}")
+            inversions.append(InversionResult.load(path))
+            continue
+        print(f"Inverting the {role} image")
+        inversion = pipe.invert(
+            image,
+            prompt=prompt,
+            num_inference_steps=args.num_timesteps,
+            skip_steps=args.skip_steps,
+            guidance_scale=INVERSION_GUIDANCE_SCALE,
+            height=args.height,
+            width=args.width,
+            generator=generator,
+        )
+        # Write then rename, so that an interrupted run never leaves a truncated file to be reused.
+        partial = path.with_suffix(".partial")
+        inversion.save(partial)
+        os.replace(partial, path)
+        inversions.append(inversion)
+    return inversions
+
+
+def transfer(
+    pipe: CrossImageAttentionPipeline,
+    app_inversion: InversionResult,
+    struct_inversion: InversionResult,
+    args: argparse.Namespace,
+    domain_name: str,
+    prompt: str,
+):
+    """The pipeline's output for the inverted pair, with the reconstructions that the strip shows."""
+    print("Running the appearance transfer")
+    return pipe(
+        appearance_inversion=app_inversion,
+        structure_inversion=struct_inversion,
+        domain_name=domain_name,
+        prompt=prompt,
+        object_noun=args.object_noun,
+        num_inference_steps=args.num_timesteps,
+        skip_steps=args.skip_steps,
+        swap_guidance_scale=args.swap_guidance_scale,
+        contrast_strength=args.contrast_strength,
+        cross_attn_32_range=args.cross_attn_32_range,
+        cross_attn_64_range=args.cross_attn_64_range,
+        adain_range=args.adain_range,
+        use_masked_adain=args.use_masked_adain,
+        inversion_guidance_scale=INVERSION_GUIDANCE_SCALE,
+        height=args.height,
+        width=args.width,
+        return_reconstructions=True,
+    )
+
+
+def save_outputs(output, folder: Path) -> tuple[Path, Path]:
+    """`transfer.png` and the reference's strip `[structure | appearance | transfer]` as `strip.png`."""
+    transfer_path, strip_path = folder / "transfer.png", folder / "strip.png"
+    output.images[0].save(transfer_path)
+    panels = [output.structure_reconstructions[0], output.appearance_reconstructions[0], output.images[0]]
+    PIL.Image.fromarray(np.concatenate([np.asarray(panel) for panel in panels], axis=1)).save(strip_path)
+    return transfer_path, strip_path
+
+
+def write_config(path: Path, args: argparse.Namespace, resolved: dict) -> None:
+    """Every option (with the defaults filled in) and the library versions, as JSON."""
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    config.update(resolved)
+    config["versions"] = {
+        "cross_image_attention": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check the inputs, invert (or load) both images, transfer, and write the outputs."""
+    app_path, struct_path, domain_name = resolve_inputs(args)
+    check_settings(args, domain_name)
+    device = check_device(args.device)
+    app_bytes, app_image = read_image(app_path, "--app_image_path")
+    struct_bytes, struct_image = read_image(struct_path, "--struct_image_path")
+    check_model(args.model)
+    # Without masked AdaIN the reference lets the domain default to "object", and so its prompt.
+    domain_name = domain_name or "object"
+    prompt = args.prompt if args.prompt is not None else f"A photo of a {domain_name}"
+
+    cache_dir = args.cache_dir if args.cache_dir is not None else args.output_path / "inversions"
+    for folder in (args.output_path, cache_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    settings = inversion_settings(args, prompt)
+    cache_paths = [
+        cache_dir / f"{cache_key(data, role, settings)}.safetensors"
+        for data, role in zip((app_bytes, struct_bytes), ROLES)
+    ]
+
+    pipe = load_pipeline(args, device)
+    app_inversion, struct_inversion = invert_or_load(
+        pipe, [app_image, struct_image], cache_paths, args.load_latents, args, prompt
+    )
+    output = transfer(pipe, app_inversion, struct_inversion, args, domain_name, prompt)
+    transfer_path, strip_path = save_outputs(output, args.output_path)
+    write_config(
+        args.output_path / "config.json",
+        args,
+        {
+            "app_image_path": str(app_path),
+            "struct_image_path": str(struct_path),
+            "domain_name": domain_name,
+            "prompt": prompt,
+            "inversion_guidance_scale": INVERSION_GUIDANCE_SCALE,
+            "inversions": {role: str(path) for role, path in zip(ROLES, cache_paths)},
+        },
+    )
+    print(f"Saved {transfer_path} and {strip_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (1 with one `error:` line on stderr for bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, TypeError, OSError) as error:
+        # One line, also for the multi-line messages of some libraries.
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,253 @@
+"""The command line interface, run in-process on the tiny saved model (and once through `python -m`)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from cross_image_attention import CrossImageAttentionPipeline, cli
+from cross_image_attention.cli import build_parser, cache_key, main
+
+SIZE = 64
+FAST = [
+    "--height", str(SIZE), "--width", str(SIZE), "--num_timesteps", "6", "--skip_steps", "2",
+    "--cross_attn_32_range", "1", "5", "--cross_attn_64_range", "1", "5", "--adain_range", "2", "6",
+    "--device", "cpu",
+]  # fmt: skip
+
+
+def cli_args(model, output, *extra, app=None, struct=None, domain="animal") -> list:
+    """The tiny model, fast settings and unmasked AdaIN; image paths and domain when given."""
+    images = ["--app_image_path", str(app), "--struct_image_path", str(struct)] if app is not None else []
+    domain = ["--domain_name", domain] if domain is not None else []
+    return [
+        *images, *domain, "--use_masked_adain", "false", "--model", str(model), "--output_path", str(output),
+        *FAST, *extra,
+    ]  # fmt: skip
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path))
+
+
+def inversion_files(output) -> dict:
+    """Role -> cache file of a run, as its config records them."""
+    return {role: Path(path) for role, path in read_config(output)["inversions"].items()}
+
+
+def inversion_names(output) -> dict:
+    return {role: path.name for role, path in inversion_files(output).items()}
+
+
+def read_config(output) -> dict:
+    return json.loads((output / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first_run(saved_sd_dir, tmp_path_factory):
+    """One unmasked run on copies of the bundled pair; tests copy its outputs before changing anything."""
+    root = tmp_path_factory.mktemp("cli")
+    app, struct = root / "app.jpg", root / "struct.jpg"
+    shutil.copy(cli.EXAMPLE_APPEARANCE, app)
+    shutil.copy(cli.EXAMPLE_STRUCTURE, struct)
+    output = root / "output"
+    assert main(cli_args(saved_sd_dir, output, "--seed", "7", app=app, struct=struct)) == 0
+    return SimpleNamespace(model=saved_sd_dir, app=app, struct=struct, output=output)
+
+
+@pytest.fixture
+def invert_calls(monkeypatch):
+    """Counts `CrossImageAttentionPipeline.invert` calls (they still run)."""
+    calls = []
+    invert = CrossImageAttentionPipeline.invert
+
+    def spy(self, *args, **kwargs):
+        calls.append(args)
+        return invert(self, *args, **kwargs)
+
+    monkeypatch.setattr(CrossImageAttentionPipeline, "invert", spy)
+    return calls
+
+
+@pytest.fixture
+def rerun(first_run, tmp_path):
+    """Runs the CLI again with the first run's inputs, in a copy of its output folder (cache included)."""
+    output = tmp_path / "output"
+    shutil.copytree(first_run.output, output)
+
+    def run(*extra, app=first_run.app, struct=first_run.struct):
+        assert main(cli_args(first_run.model, output, "--seed", "7", *extra, app=app, struct=struct)) == 0
+        return output
+
+    return run
+
+
+def test_writes_transfer_strip_and_config(first_run):
+    transfer = PIL.Image.open(first_run.output / "transfer.png")
+    strip = PIL.Image.open(first_run.output / "strip.png")
+    assert transfer.size == (SIZE, SIZE) and transfer.mode == "RGB"
+    assert strip.size == (3 * SIZE, SIZE)
+    # [structure | appearance | transfer], as the reference joins them
+    np.testing.assert_array_equal(np.asarray(strip)[:, 2 * SIZE :], np.asarray(transfer))
+
+    config = read_config(first_run.output)
+    assert config["model"] == str(first_run.model)
+    assert config["seed"] == 7
+    assert config["num_timesteps"] == 6 and config["skip_steps"] == 2
+    assert config["cross_attn_32_range"] == [1, 5] and config["adain_range"] == [2, 6]
+    assert config["use_masked_adain"] is False and config["load_latents"] is False
+    assert config["domain_name"] == "animal" and config["prompt"] == "A photo of a animal"
+    assert config["app_image_path"] == str(first_run.app)
+    assert config["dtype"] == "float32" and config["inversion_guidance_scale"] == 3.5
+    assert config["versions"]["torch"] == torch.__version__
+    assert set(config["versions"]) >= {"diffusers", "transformers", "cross_image_attention"}
+    assert sorted(os.listdir(first_run.output / "inversions")) == sorted(inversion_names(first_run.output).values())
+
+
+def test_load_latents_reuses_the_cache(first_run, rerun, invert_calls):
+    output = rerun("--load_latents")
+    assert invert_calls == []
+    np.testing.assert_array_equal(pixels(output / "transfer.png"), pixels(first_run.output / "transfer.png"))
+
+
+def test_without_load_latents_inverts_again(first_run, rerun, invert_calls):
+    output = rerun()
+    assert len(invert_calls) == 2
+    for role, path in inversion_files(output).items():
+        assert path.stat().st_mtime_ns > inversion_files(first_run.output)[role].stat().st_mtime_ns
+    np.testing.assert_array_equal(pixels(output / "transfer.png"), pixels(first_run.output / "transfer.png"))
+
+
+@pytest.mark.parametrize(("missing", "expected_calls"), [("structure", 2), ("appearance", 1)])
+def test_partial_cache_keeps_the_seeded_noise(first_run, rerun, invert_calls, tmp_path, missing, expected_calls):
+    # The structure draws its noise after the appearance: without its cache file both are inverted again.
+    os.remove(tmp_path / "output" / "inversions" / inversion_names(first_run.output)[missing])
+    output = rerun("--load_latents")
+    assert len(invert_calls) == expected_calls
+    np.testing.assert_array_equal(pixels(output / "transfer.png"), pixels(first_run.output / "transfer.png"))
+
+
+def test_cache_follows_the_bytes_not_the_file_name(first_run, tmp_path, invert_calls):
+    cache = tmp_path / "cache"
+    shutil.copytree(first_run.output / "inversions", cache)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    app, struct = renamed / "zebra.jpg", renamed / "giraffe.jpg"
+    shutil.copy(first_run.app, app)
+    shutil.copy(first_run.struct, struct)
+
+    def run(output):
+        args = ["--seed", "7", "--load_latents", "--cache_dir", str(cache)]
+        assert main(cli_args(first_run.model, output, *args, app=app, struct=struct)) == 0
+        return inversion_names(output)
+
+    first = inversion_names(first_run.output)
+    assert run(tmp_path / "renamed_output") == first
+    assert invert_calls == []
+    # Other bytes, same pixels (JPEG decoders ignore trailing data): a new key for the appearance only.
+    app.write_bytes(app.read_bytes() + b"\0")
+    changed = run(tmp_path / "changed_output")
+    assert len(invert_calls) == 1
+    assert changed["appearance"] != first["appearance"] and changed["structure"] == first["structure"]
+    assert (cache / changed["appearance"]).is_file()
+
+
+def test_cache_key_covers_role_and_settings():
+    settings = {"prompt": "A photo of a animal", "seed": 42, "num_timesteps": 100}
+    key = cache_key(b"image", "appearance", settings)
+    assert key == cache_key(b"image", "appearance", dict(settings))
+    assert key != cache_key(b"image", "structure", settings)
+    assert key != cache_key(b"image!", "appearance", settings)
+    assert key != cache_key(b"image", "appearance", {**settings, "seed": 43})
+    assert key != cache_key(b"image", "appearance", {**settings, "prompt": "A photo of a cat"})
+
+
+def test_python_m_runs_the_bundled_example_with_masked_adain(saved_sd_dir, tmp_path):
+    output = tmp_path / "output"
+    model = ["--model", str(saved_sd_dir)]
+    command = [sys.executable, "-m", "cross_image_attention", *model, "--output_path", str(output)]
+    result = subprocess.run([*command, *FAST], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = read_config(output)
+    assert config["app_image_path"] == str(cli.EXAMPLE_APPEARANCE)
+    assert config["struct_image_path"] == str(cli.EXAMPLE_STRUCTURE)
+    assert config["domain_name"] == cli.EXAMPLE_DOMAIN and config["use_masked_adain"] is True
+    assert PIL.Image.open(output / "transfer.png").size == (SIZE, SIZE)
+    assert PIL.Image.open(output / "strip.png").size == (3 * SIZE, SIZE)
+
+
+def test_boolean_options():
+    parse = build_parser().parse_args
+    assert parse([]).use_masked_adain is True and parse([]).load_latents is False
+    assert parse(["--use_masked_adain", "false"]).use_masked_adain is False
+    assert parse(["--use_masked_adain", "True"]).use_masked_adain is True
+    assert parse(["--no-use_masked_adain"]).use_masked_adain is False
+    assert parse(["--load_latents"]).load_latents is True
+    assert parse(["--load_latents", "no"]).load_latents is False
+
+
+IMAGES = ["--app_image_path", "{app}", "--struct_image_path", "{struct}"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--app_image_path", "{tmp}/no.png", "--struct_image_path", "{struct}"], "--app_image_path: no such file"),
+        (["--app_image_path", "{app}", "--struct_image_path", "{tmp}/notes.txt"], "--struct_image_path: not an image"),
+        (["--app_image_path", "{tmp}", "--struct_image_path", "{struct}"], "--app_image_path: not a file: "),
+        (["--struct_image_path", "{struct}"], "pass both --app_image_path and --struct_image_path, or neither"),
+        ([*IMAGES, "--num_timesteps", "-1"], "--num_timesteps must be at least 1, got -1"),
+        ([*IMAGES, "--skip_steps", "6"], "--skip_steps must be in [0, --num_timesteps), got 6"),
+        ([*IMAGES, "--adain_range", "6", "2"], "--adain_range must be START END with 0 <= START <= END, got 6 2"),
+        ([*IMAGES, "--contrast_strength", "nan"], "--contrast_strength must be a finite number >= 0"),
+        ([*IMAGES, "--width", "0"], "--width must be positive"),
+        ([*IMAGES, "--use_masked_adain", "true"], "--use_masked_adain needs --domain_name"),
+        ([*IMAGES, "--model", "{tmp}/no_model"], "--model: no such folder: "),
+        ([*IMAGES, "--model", "{tmp}"], "--model: not a diffusers pipeline folder (no model_index.json)"),
+        ([*IMAGES, "--device", "toaster"], "--device: unknown device 'toaster'"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_error_line(saved_sd_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths = {"app": cli.EXAMPLE_APPEARANCE, "struct": cli.EXAMPLE_STRUCTURE, "tmp": tmp_path}
+    argv = [arg.format(**paths) for arg in argv]
+    assert main(cli_args(saved_sd_dir, tmp_path / "output", *argv, domain=None)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_pipeline_errors_pass_through_as_one_line(saved_sd_dir, tmp_path, capsys):
+    args = cli_args(saved_sd_dir, tmp_path / "output", "--height", "65", domain=None)  # the bundled pair
+    assert main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()  # model loading prints its progress bar before
+    assert lines[-1].startswith("error: `height` must be a multiple of")
+    assert sum(line.startswith("error:") for line in lines) == 1
+    assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "float64"], ["--use_masked_adain", "maybe"], ["--adain_range", "1"]])
+def test_argparse_rejects_malformed_options(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_examples_are_small_and_licensed():
+    folder = cli.EXAMPLES
+    licence = (folder / "LICENSE.md").read_text()
+    images = sorted(path.name for path in folder.iterdir() if path.name != "LICENSE.md")
+    assert images == sorted([cli.EXAMPLE_APPEARANCE.name, cli.EXAMPLE_STRUCTURE.name])
+    assert all(name in licence for name in images)
+    assert sum(path.stat().st_size for path in folder.iterdir()) < 1_000_000
+    for path in (cli.EXAMPLE_APPEARANCE, cli.EXAMPLE_STRUCTURE):
+        with PIL.Image.open(path) as image:
+            assert image.mode == "RGB" and min(image.size) <= 512
