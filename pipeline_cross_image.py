@@ -365,7 +365,10 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
                 raise ValueError(f"`object_noun` {n!r} does not occur in the prompt {p!r}.")
         return positions
 
-    def _check_inversion(self, inversion, name, timesteps, num_inference_steps, skip_steps, guidance, height, width):
+    def _check_inversion(
+        self, inversion, name, timesteps, prompts, num_inference_steps, skip_steps, guidance, height, width
+    ):
+        """Refuse an inversion made with other settings than the call's (those it records, and its shapes)."""
         latent_shape = (
             self.unet.config.in_channels,
             height // self.vae_scale_factor,
@@ -385,6 +388,13 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
                     f"`{name}` was made with {key}={stored} but this call uses {key}={value}; invert again with the "
                     "call's settings or pass the matching arguments."
                 )
+        # The reference inverts and denoises with the same prompt; a different one silently degrades the transfer.
+        mismatched = [p for p in prompts if inversion.prompt is not None and p != inversion.prompt]
+        if mismatched:
+            raise ValueError(
+                f"`{name}` was made with prompt={inversion.prompt!r} but this call uses prompt={mismatched[0]!r}; "
+                "pass the same `prompt` / `domain_name` as for the inversion."
+            )
         if tuple(inversion.latents.shape[1:]) != latent_shape:
             raise ValueError(
                 f"`{name}` has latents of shape {tuple(inversion.latents.shape[1:])}, but a {height}x{width} call "
@@ -747,6 +757,7 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
                     inversion,
                     name,
                     timesteps,
+                    prompts,
                     num_inference_steps,
                     skip_steps,
                     inversion_guidance_scale,

@@ -71,6 +71,8 @@ def test_inversions_made_with_other_settings_are_refused(tiny_pipe, small_invers
         tiny_pipe(appearance_inversion=small_inversion, **{**kwargs, "num_inference_steps": 12})
     with pytest.raises(ValueError, match="appearance_inversion.*height"):
         tiny_pipe(appearance_inversion=small_inversion, **{**kwargs, "height": 128})
+    with pytest.raises(ValueError, match="appearance_inversion.*prompt='A photo of a animal'.*'A photo of a cat'"):
+        tiny_pipe(appearance_inversion=small_inversion, **{**kwargs, "domain_name": "cat"})
     with pytest.raises(ValueError, match="appearance_inversion.*guidance_scale"):
         tiny_pipe(appearance_inversion=small_inversion, **{**kwargs, "inversion_guidance_scale": 2.0})
     bare = InversionResult(small_inversion.latents, small_inversion.noise, small_inversion.timesteps)
