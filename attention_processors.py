@@ -81,6 +81,36 @@ def select_cross_image_layers(unet) -> CrossImageLayers:
     return CrossImageLayers(levels, capture_self, capture_cross)
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which row groups a denoising UNet call holds, each of ``num_pairs`` rows, in this order: the output in the
+    cross-image pass (``out``), the output in the plain pass (``out_plain``, for appearance guidance), the appearance
+    (always) and the structure.
+
+    The reference runs two full passes of ``[OUT, APP, STRUCT]``; one call holding only the rows a step needs gives
+    the same predictions, since a row's attention involves only its own image or the donor's keys and values.
+    """
+
+    num_pairs: int
+    out: bool = True
+    out_plain: bool = False
+    structure: bool = True
+
+    @property
+    def groups(self) -> list[str]:
+        flags = {"out": self.out, "out_plain": self.out_plain, "appearance": True, "structure": self.structure}
+        return [name for name, present in flags.items() if present]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.groups) * self.num_pairs
+
+    def rows(self, group: str) -> slice:
+        """The batch rows of ``group``, which must be present."""
+        index = self.groups.index(group)
+        return slice(index * self.num_pairs, (index + 1) * self.num_pairs)
+
+
 @dataclass
 class CrossImageAttentionController:
     """State shared by this project's processors during one pipeline call (set before each UNet call).
@@ -94,6 +124,7 @@ class CrossImageAttentionController:
         capture: Record the attention maps that self-segmentation needs during this call.
         captured: ``"self"``: `[2P, N, N]` and ``"cross"``: `[2P, N', 77]` head-averaged probabilities of the
             appearance then structure rows.
+        layout: The row groups of the current call; None means the full ``[OUT, APP, STRUCT]`` batch.
     """
 
     num_pairs: int
@@ -103,6 +134,11 @@ class CrossImageAttentionController:
     use_structure_kv: bool = False
     capture: bool = False
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: BatchLayout | None = None
+
+    @property
+    def current_layout(self) -> BatchLayout:
+        return self.layout if self.layout is not None else BatchLayout(self.num_pairs)
 
 
 def _split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
@@ -205,12 +241,12 @@ class CrossImageAttnProcessor:
         value = attn.to_v(encoder_hidden_states)
 
         num_pairs = controller.num_pairs
-        mixing = self.level is not None and self.level in controller.mixing_levels
+        layout = controller.current_layout
+        mixing = self.level is not None and self.level in controller.mixing_levels and layout.out
         if mixing:
-            # The output rows keep their queries and take the keys and values of another branch, replaced after the
-            # projections (before splitting heads), as in the reference.
-            source = 2 if controller.use_structure_kv else 1
-            donor = slice(source * num_pairs, (source + 1) * num_pairs)
+            # The output rows (always first) keep their queries and take the keys and values of another branch,
+            # replaced after the projections (before splitting heads), as in the reference.
+            donor = layout.rows("structure" if controller.use_structure_kv else "appearance")
             key = torch.cat([key[donor], key[num_pairs:]])
             value = torch.cat([value[donor], value[num_pairs:]])
 
@@ -222,8 +258,9 @@ class CrossImageAttnProcessor:
 
         if controller.capture and self.capture_as is not None:
             # Head-averaged maps of the appearance and structure rows (identical in the swap and plain passes).
+            rows = slice(layout.rows("appearance").start, layout.rows("structure").stop)
             controller.captured[self.capture_as] = head_averaged_probabilities(
-                query[num_pairs:], key[num_pairs:], controller.query_chunk_size
+                query[rows], key[rows], controller.query_chunk_size
             )
 
         if mixing:

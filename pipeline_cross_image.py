@@ -34,6 +34,7 @@ from .adain import adain, mask_supports_adain, masked_adain
 from .attention_processors import (
     HIGHEST_RESOLUTION_LEVEL,
     SECOND_RESOLUTION_LEVEL,
+    BatchLayout,
     CrossImageAttentionController,
     cross_image_attention,
 )
@@ -147,6 +148,74 @@ def _centre_crop_box(width: int, height: int, target_width: int, target_height: 
     new_height = round(width * target_height / target_width)
     top = (height - new_height) // 2
     return 0, top, width, top + new_height
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one denoising step does, by the reference's rules.
+
+    Args:
+        mixing_levels: Decoder levels where the output attends to another image's keys and values.
+        use_structure_kv: The keys and values come from the structure image instead of the appearance image.
+        guidance_scale: Appearance guidance scale of this step, or None when guidance is inactive.
+        adain: AdaIN is applied to the output after the step.
+        capture: The step's attention maps feed self-segmentation (masks are made after its DDPM update).
+    """
+
+    mixing_levels: frozenset
+    use_structure_kv: bool
+    guidance_scale: float | None
+    adain: bool
+    capture: bool
+
+
+def plan_denoising_steps(
+    num_steps: int,
+    cross_attn_64_range: RangeInput,
+    cross_attn_32_range: RangeInput,
+    adain_range: RangeInput,
+    swap_guidance_scale: float,
+    segment: bool,
+) -> list[StepPlan]:
+    """The reference's gates for each loop index ``i`` of the denoising loop."""
+    level_ranges = {HIGHEST_RESOLUTION_LEVEL: cross_attn_64_range, SECOND_RESOLUTION_LEVEL: cross_attn_32_range}
+    guidance_start = min(cross_attn_32_range[0], cross_attn_64_range[0])
+    guidance_end = max(cross_attn_32_range[1], cross_attn_64_range[1])
+    guidance_scales = np.linspace(swap_guidance_scale, max(swap_guidance_scale / 2, 1.0), num_steps)
+    plan = []
+    for i in range(num_steps):
+        # Quirk: the reference's attention gates read a step counter that is updated at the end of each step, so
+        # they lag one step behind the loop index (guidance and AdaIN use the index itself).
+        counter = max(i - 1, 0)
+        levels = frozenset(level for level, (start, end) in level_ranges.items() if start <= counter < end)
+        # Appearance guidance; the range test is inclusive at both ends, as in the reference. Where no layer mixes,
+        # the plain pass equals the cross-image pass and guidance is the identity, so it is not run.
+        guided = swap_guidance_scale > 1 and guidance_start <= i <= guidance_end and bool(levels)
+        plan.append(
+            StepPlan(
+                mixing_levels=levels,
+                # Every fifth step among the first forty the output takes the structure's keys and values.
+                use_structure_kv=counter % 5 == 0 and counter < 40,
+                guidance_scale=float(guidance_scales[i]) if guided else None,
+                adain=adain_range[0] <= i < adain_range[1],
+                capture=segment and i == adain_range[0],
+            )
+        )
+    return plan
+
+
+def structure_last_use(plan: list[StepPlan]) -> int:
+    """The last step whose UNet call needs the structure rows (-1 if none): while the output still equals the
+    structure and does not mix, it is read off the structure; structure keys/values and mask capture need them too.
+    """
+    last, out_is_structure = -1, True
+    for i, step in enumerate(plan):
+        if (out_is_structure and not step.mixing_levels) or step.capture:
+            last = i
+        if step.mixing_levels and step.use_structure_kv:
+            last = i
+        out_is_structure = out_is_structure and not (step.mixing_levels or step.adain)
+    return last
 
 
 class CrossImageAttentionPipeline(DiffusionPipeline):
@@ -793,72 +862,92 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
             inversions[branch] = given.to(device=device, dtype=torch.float32)
         app_inv, struct_inv = inversions["appearance"], inversions["structure"]
 
-        # 3. Prepare the [OUT, APP, STRUCT] batch. Quirk: the output starts from the structure image's inverted
-        #    latent and uses the structure image's noise maps.
-        latents = torch.cat([struct_inv.latents, app_inv.latents, struct_inv.latents])
+        # 3. Prepare the branches. Quirk: the output starts from the structure image's inverted latent and uses the
+        #    structure image's noise maps. All branches use the conditional prompt only (no classifier-free
+        #    guidance while denoising), as the reference.
         conditional = self._encode_text(prompts, device)
-        noise = torch.cat([struct_inv.noise, app_inv.noise, struct_inv.noise])
-        embeddings = conditional.repeat(3, 1, 1)  # no classifier-free guidance while denoising, as the reference
-        guidance_start = min(cross_attn_32_range[0], cross_attn_64_range[0])
-        guidance_end = max(cross_attn_32_range[1], cross_attn_64_range[1])
-        guidance_scales = np.linspace(swap_guidance_scale, max(swap_guidance_scale / 2, 1.0), num_steps)
+        app_latents, struct_latents = app_inv.latents, struct_inv.latents
+        out_latents = struct_latents
+        plan = plan_denoising_steps(
+            num_steps, cross_attn_64_range, cross_attn_32_range, adain_range, swap_guidance_scale, segment
+        )
+        # A callback sees the whole [OUT, APP, STRUCT] batch at every step, so then every branch is computed.
+        full_batch = callback_on_step_end is not None
+        structure_until = num_steps - 1 if full_batch or return_reconstructions else structure_last_use(plan)
+        # OUT equals STRUCT until the first step that mixes or applies AdaIN: until then it is not computed twice.
+        out_is_structure = not full_batch
         controller = CrossImageAttentionController(num_pairs=num_pairs, contrast_strength=contrast_strength)
-        level_ranges = {HIGHEST_RESOLUTION_LEVEL: cross_attn_64_range, SECOND_RESOLUTION_LEVEL: cross_attn_32_range}
-        latent_grid = tuple(latents.shape[-2:])
-        pair_rows, app_rows = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+        latent_grid = tuple(app_latents.shape[-2:])
 
-        # 4. Denoise
+        # 4. Denoise: one UNet call per step holding only the rows the step needs
         self._interrupt = False
         with cross_image_attention(self.unet, controller, device), reference_freeu(self.unet):
             with self.progress_bar(total=num_steps) as progress_bar:
-                for i, t in enumerate(timesteps):
+                for i, (t, step) in enumerate(zip(timesteps, plan)):
                     if self.interrupt:
                         continue
-                    # Quirk: the reference's attention gates read a step counter that is updated at the end of each
-                    # step, so they lag one step behind the loop index (guidance and AdaIN use the index itself).
-                    counter = max(i - 1, 0)
-                    controller.mixing_levels = frozenset(
-                        level for level, (start, end) in level_ranges.items() if start <= counter < end
+                    layout = BatchLayout(
+                        num_pairs,
+                        out=not out_is_structure or bool(step.mixing_levels),
+                        out_plain=step.guidance_scale is not None,
+                        structure=i <= structure_until,
                     )
-                    # Every fifth step among the first forty the output takes the structure's keys and values.
-                    controller.use_structure_kv = counter % 5 == 0 and counter < 40
-                    controller.capture = segment and i == adain_range[0]
-                    noise_pred = self._predict_noise(latents, t, embeddings)
+                    controller.layout = layout
+                    controller.mixing_levels = step.mixing_levels
+                    controller.use_structure_kv = step.use_structure_kv
+                    controller.capture = step.capture
+                    rows = {
+                        "out": out_latents,
+                        "out_plain": out_latents,
+                        "appearance": app_latents,
+                        "structure": struct_latents,
+                    }
+                    noise_pred = self._predict_noise(
+                        torch.cat([rows[group] for group in layout.groups]),
+                        t,
+                        conditional.repeat(len(layout.groups), 1, 1),
+                    )
+                    eps = {group: noise_pred[layout.rows(group)] for group in layout.groups}
 
-                    # Appearance guidance. The range test is inclusive at both ends, as in the reference. Where no
-                    # layer mixes, the plain pass equals the swap pass and guidance is the identity, so it is skipped.
-                    if swap_guidance_scale > 1 and guidance_start <= i <= guidance_end and controller.mixing_levels:
-                        controller.mixing_levels, controller.capture = frozenset(), False
-                        plain = self._predict_noise(latents[pair_rows], t, embeddings[pair_rows])
-                        guided = plain + float(guidance_scales[i]) * (noise_pred[pair_rows] - plain)
-                        noise_pred = torch.cat([guided, noise_pred[num_pairs:]])
+                    coeffs = ddpm_coefficients(self.scheduler, t)
+                    app_latents = ddpm_step(app_latents, eps["appearance"], app_inv.noise[:, i], coeffs)
+                    if layout.structure:
+                        struct_latents = ddpm_step(struct_latents, eps["structure"], struct_inv.noise[:, i], coeffs)
+                    if layout.out:
+                        out_eps = eps["out"]
+                        if layout.out_plain:
+                            # Appearance guidance: extrapolate from the plain pass towards the cross-image pass.
+                            out_eps = eps["out_plain"] + step.guidance_scale * (eps["out"] - eps["out_plain"])
+                        out_latents = ddpm_step(out_latents, out_eps, struct_inv.noise[:, i], coeffs)
+                        out_is_structure = False
+                    else:
+                        out_latents = struct_latents
 
-                    latents = ddpm_step(latents, noise_pred, noise[:, i], ddpm_coefficients(self.scheduler, t))
-
-                    if segment and i == adain_range[0]:
+                    if step.capture:
                         # Masks from the attention captured during this step's UNet call, made before its AdaIN.
                         pair_masks = self._usable_masks(
                             self._segment(controller.captured, noun_positions, latent_grid, num_pairs)
                         )
                         controller.captured.clear()
-                    if adain_range[0] <= i < adain_range[1]:
-                        out_latents = self._apply_adain(latents[pair_rows], latents[app_rows], pair_masks)
-                        latents = torch.cat([out_latents, latents[num_pairs:]])
+                    if step.adain:
+                        out_latents = self._apply_adain(out_latents, app_latents, pair_masks)
+                        out_is_structure = False
 
                     if callback_on_step_end is not None:
-                        step_tensors = {"latents": latents}
+                        step_tensors = {"latents": torch.cat([out_latents, app_latents, struct_latents])}
                         callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
                         callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                        latents = callback_outputs.pop("latents", latents)
+                        latents = callback_outputs.pop("latents", step_tensors["latents"])
+                        out_latents, app_latents, struct_latents = latents.split(num_pairs)
                     progress_bar.update()
 
         # 5. Decode
-        decoded = latents if return_reconstructions else latents[pair_rows]
+        decoded = torch.cat([out_latents, app_latents, struct_latents]) if return_reconstructions else out_latents
         if output_type == "latent":
             images = decoded
         else:
             images = self.vae.decode(decoded.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-            images[pair_rows] = self.run_safety_checker(images[pair_rows], device, conditional.dtype)
+            images[:num_pairs] = self.run_safety_checker(images[:num_pairs], device, conditional.dtype)
             images = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
 

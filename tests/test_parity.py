@@ -89,6 +89,18 @@ def test_denoising_from_fixture_inversions_matches_reference(tiny_pipe, fixture_
     assert per_step_difference < LATENT_TOLERANCE
 
 
+def test_denoising_with_skipped_rows_matches_reference(tiny_pipe, fixture_arrays):
+    """Without callback or reconstructions the output branch is skipped while it equals the structure branch and
+    the structure branch is dropped after its last use; the transfer is unchanged."""
+    timesteps = torch.arange(651, 0, -50)
+    app = InversionResult(fixture_arrays["app_latents"], fixture_arrays["app_noise"], timesteps)
+    struct = InversionResult(fixture_arrays["struct_latents"], fixture_arrays["struct_noise"], timesteps)
+    out = tiny_pipe(appearance_inversion=app, structure_inversion=struct, output_type="latent", **CALL)
+    difference = (out.images[0] - fixture_arrays["final_latents"][0]).abs().max()
+    print("max |final OUT - reference| with skipped rows:", difference.item())
+    assert difference < LATENT_TOLERANCE
+
+
 def test_inversion_round_trip(tiny_pipe, cat_image):
     """Denoising with the stored noise maps, the inversion's guidance and no cross-image attention retraces the
     inverted trajectory: from x[S] it reaches the x[T-1] that an inversion with skip_steps=T-1 returns."""
