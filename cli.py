@@ -12,6 +12,7 @@ changes the inversion, never by file name; `--load_latents` reuses them.
 
 import argparse
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -19,6 +20,8 @@ import os
 import platform
 import re
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
@@ -28,7 +31,7 @@ import torch
 import transformers
 
 from . import __version__
-from .inversion import InversionResult
+from .inversion import InversionResult, skip_trajectory_draws
 from .pipeline_cross_image import CrossImageAttentionPipeline
 
 EXAMPLES = Path(__file__).parent / "examples"
@@ -239,44 +242,74 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> CrossImageA
     return pipe.to(device)
 
 
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file of a unique name, then rename it to `path`.
+
+    Readers never see a partial file, and processes writing the same cache entry at once do not write into each
+    other's file: the last rename wins, with equal content.
+    """
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def invert_and_cache(
+    pipe: CrossImageAttentionPipeline,
+    image: PIL.Image.Image,
+    generator: torch.Generator,
+    path: Path,
+    args: argparse.Namespace,
+    prompt: str,
+) -> InversionResult:
+    """Invert one image with the command's settings and write it to the cache file `path`."""
+    inversion = pipe.invert(
+        image,
+        prompt=prompt,
+        num_inference_steps=args.num_timesteps,
+        skip_steps=args.skip_steps,
+        guidance_scale=INVERSION_GUIDANCE_SCALE,
+        height=args.height,
+        width=args.width,
+        generator=generator,
+    )
+    write_atomically(path, inversion.save)
+    return inversion
+
+
 def invert_or_load(
     pipe: CrossImageAttentionPipeline,
     images: list[PIL.Image.Image],
-    paths: list[Path],
+    cache_paths: list[Path],
     reuse: bool,
     args: argparse.Namespace,
     prompt: str,
-) -> list[InversionResult]:
-    """The appearance and structure inversions, from the cache files `paths` or computed and saved there."""
-    cached = [reuse and path.is_file() for path in paths]
-    # The structure's noise is drawn after the appearance's from the same generator, as in the reference. A
-    # structure that must be inverted therefore needs the appearance inverted before it, even when the appearance
-    # is cached, or its noise would differ from an uncached run's.
-    cached[0] = cached[0] and cached[1]
+) -> tuple[InversionResult, InversionResult]:
+    """The appearance and structure inversions, loaded from the cache files (when `reuse`) or computed and cached.
+
+    Both images draw their noise from one generator, appearance first, as in the reference. A structure inverted
+    after a cached appearance therefore first skips the appearance's draws, so its noise equals an uncached run's.
+    """
+    (app_image, struct_image), (app_path, struct_path) = images, cache_paths
     generator = torch.Generator().manual_seed(args.seed)
-    inversions = []
-    for role, image, path, hit in zip(ROLES, images, paths, cached):
-        if hit:
-            print(f"Loading the cached {role} inversion {path}")
-            inversions.append(InversionResult.load(path))
-            continue
-        print(f"Inverting the {role} image")
-        inversion = pipe.invert(
-            image,
-            prompt=prompt,
-            num_inference_steps=args.num_timesteps,
-            skip_steps=args.skip_steps,
-            guidance_scale=INVERSION_GUIDANCE_SCALE,
-            height=args.height,
-            width=args.width,
-            generator=generator,
-        )
-        # Write then rename, so that an interrupted run never leaves a truncated file to be reused.
-        partial = path.with_suffix(".partial")
-        inversion.save(partial)
-        os.replace(partial, path)
-        inversions.append(inversion)
-    return inversions
+    if reuse and app_path.is_file():
+        print(f"Loading the cached appearance inversion {app_path}")
+        appearance = InversionResult.load(app_path)
+        if not (reuse and struct_path.is_file()):
+            skip_trajectory_draws(args.num_timesteps, tuple(appearance.latents.shape[1:]), generator)
+    else:
+        print("Inverting the appearance image")
+        appearance = invert_and_cache(pipe, app_image, generator, app_path, args, prompt)
+    if reuse and struct_path.is_file():
+        print(f"Loading the cached structure inversion {struct_path}")
+        structure = InversionResult.load(struct_path)
+    else:
+        print("Inverting the structure image")
+        structure = invert_and_cache(pipe, struct_image, generator, struct_path, args, prompt)
+    return appearance, structure
 
 
 def transfer(
@@ -375,8 +408,15 @@ def run(args: argparse.Namespace) -> None:
     print(f"Saved {transfer_path} and {strip_path}")
 
 
+# Subcommands with their own modules, imported only when used: `cross-image-attention batch ...`, `... hub ...`.
+SUBCOMMANDS = ("batch", "hub")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (1 with one `error:` line on stderr for bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -170,6 +171,23 @@ def ddpm_posterior_mean(sample: torch.Tensor, noise_pred: torch.Tensor, coeffs: 
 def ddpm_step(sample: torch.Tensor, noise_pred: torch.Tensor, noise: torch.Tensor, coeffs: DDPMCoefficients):
     """One edit-friendly DDPM step: the posterior mean plus ``sigma * z`` with the given noise map ``z``."""
     return ddpm_posterior_mean(sample, noise_pred, coeffs) + coeffs.variance**0.5 * noise
+
+
+def draw_trajectory_noise(
+    latent_shape: tuple, generator: torch.Generator | None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """One standard-normal draw `[1, C, h, w]` of the forward trajectory, in float32 (as diffusers' `randn_tensor`:
+    on the generator's device, then moved), so that a seed gives the same noise in any dtype."""
+    return randn_tensor((1, *latent_shape), generator=generator, device=torch.device(device), dtype=torch.float32)
+
+
+def skip_trajectory_draws(
+    num_inference_steps: int, latent_shape: tuple, generator: torch.Generator | None, device="cpu"
+) -> None:
+    """Advance ``generator`` past one image's inversion draws (one per step of the full schedule), without a model:
+    an image inverted next from the same generator then gets the noise it would get after a real inversion."""
+    for _ in range(num_inference_steps):
+        draw_trajectory_noise(latent_shape, generator, device)
 
 
 def sample_noisy_trajectory(

@@ -27,7 +27,6 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.utils import BaseOutput, logging
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from .adain import adain, mask_supports_adain, masked_adain
@@ -43,6 +42,7 @@ from .inversion import (
     InversionResult,
     ddpm_coefficients,
     ddpm_step,
+    draw_trajectory_noise,
     extract_noise_map,
     sample_noisy_trajectory,
 )
@@ -531,13 +531,13 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
             `(latents [K, C, h, w], noise [K, T - S, C, h, w])`.
         """
         num_steps = len(all_timesteps)
-        noise_shape = (1,) + tuple(clean_latents.shape[1:])
+        latent_shape = tuple(clean_latents.shape[1:])
         trajectories = []
         for image, generator in enumerate(generators):
             # Quirk kept for seed compatibility: the reference draws one noise per timestep for all T steps, least
             # noisy first, image after image, even for the steps it later skips.
             def draw(generator=generator):
-                return randn_tensor(noise_shape, generator=generator, device=clean_latents.device, dtype=torch.float32)
+                return draw_trajectory_noise(latent_shape, generator, clean_latents.device)
 
             trajectories.append(
                 sample_noisy_trajectory(clean_latents[image : image + 1], self.scheduler, all_timesteps, draw)
