@@ -1,0 +1,254 @@
+"""The batch command: a manifest in-process on the tiny saved model, and on two CPU processes under accelerate."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from cross_image_attention import CrossImageAttentionPipeline, batch, cli
+
+PARITY = Path(__file__).parent / "data" / "parity"
+FAST = [
+    "--height", "64", "--width", "64", "--num_timesteps", "6", "--skip_steps", "2",
+    "--cross_attn_32_range", "1", "5", "--cross_attn_64_range", "1", "5", "--adain_range", "2", "6",
+    "--use_masked_adain", "false", "--seed", "7",
+]  # fmt: skip
+HEADER = ["appearance", "structure", "domain_name", "seed", "swap_guidance_scale"]
+# One appearance against three structures (a transfer-only override on one row, the global seed spelled out on
+# another), a missing image and a bad cell.
+ROWS = [
+    ["raccoon.jpg", "chelsea.jpg", "animal", "", ""],
+    ["raccoon.jpg", "astronaut.png", "animal", "", "2.5"],
+    ["missing.png", "chelsea.jpg", "animal", "", ""],
+    ["raccoon.jpg", "chelsea.png", "animal", "7", ""],
+    ["raccoon.jpg", "chelsea.jpg", "animal", "many", ""],
+]
+DONE_ROWS = {0: "0000_raccoon__chelsea", 1: "0001_raccoon__astronaut", 3: "0003_raccoon__chelsea"}
+FAILED_ROWS = {2: "appearance: no such file: ", 4: "row 4: seed: invalid value 'many'"}
+
+
+def write_manifest(path: Path, rows: list, header: list = HEADER) -> Path:
+    with open(path, "w", newline="") as file:
+        csv.writer(file).writerows([header, *rows])
+    return path
+
+
+def batch_args(model, manifest, output, *extra) -> list:
+    return ["--manifest", str(manifest), "--model", str(model), "--output_path", str(output), *FAST, *extra]
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """The bundled pair and the parity photos, in one folder next to which manifests are written."""
+    folder = tmp_path_factory.mktemp("images")
+    for source in (cli.EXAMPLE_APPEARANCE, cli.EXAMPLE_STRUCTURE, PARITY / "astronaut.png", PARITY / "chelsea.png"):
+        shutil.copy(source, folder)
+    return folder
+
+
+def spy_on_invert(monkeypatch) -> list:
+    """The pixels of every image given to `CrossImageAttentionPipeline.invert` (the calls still run)."""
+    calls = []
+    invert = CrossImageAttentionPipeline.invert
+
+    def spy(self, image, *args, **kwargs):
+        calls.append(np.asarray(image))
+        return invert(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(CrossImageAttentionPipeline, "invert", spy)
+    return calls
+
+
+@pytest.fixture
+def invert_calls(monkeypatch):
+    return spy_on_invert(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def first_batch(saved_sd_dir, images):
+    """One in-process run of `ROWS`; tests copy its output folder before running again."""
+    manifest = write_manifest(images / "pairs.csv", ROWS)
+    output = images.parent / "batch_output"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = spy_on_invert(monkeypatch)
+        code = batch.main(batch_args(saved_sd_dir, manifest, output, "--device", "cpu"))
+    return SimpleNamespace(model=saved_sd_dir, manifest=manifest, output=output, code=code, invert_calls=calls)
+
+
+@pytest.fixture
+def rerun(first_batch, tmp_path):
+    """Runs the batch again in a copy of the first run's output folder (cache included)."""
+    output = tmp_path / "output"
+    shutil.copytree(first_batch.output, output)
+
+    def run(manifest=first_batch.manifest):
+        code = batch.main(batch_args(first_batch.model, manifest, output, "--device", "cpu"))
+        return code, read_json(output / "summary.json")
+
+    return run
+
+
+def test_every_row_is_done_or_reported_failed(first_batch):
+    assert first_batch.code == 1
+    summary = read_json(first_batch.output / "summary.json")
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (3, 0, 2)
+    assert [pair["row"] for pair in summary["pairs"]] == list(range(len(ROWS)))
+    for pair in summary["pairs"]:
+        folder = first_batch.output / pair["folder"]
+        if pair["row"] in DONE_ROWS:
+            assert (pair["status"], pair["folder"]) == ("done", DONE_ROWS[pair["row"]])
+            assert {"transfer.png", "strip.png", "config.json", "done"} <= set(os.listdir(folder))
+            assert not (folder / "error.txt").exists()
+        else:
+            assert pair["status"] == "failed" and FAILED_ROWS[pair["row"]] in pair["error"]
+            assert not (folder / "done").exists()
+            assert (folder / "error.txt").read_text().startswith(pair["error"])
+
+
+def test_config_records_the_row(first_batch, images):
+    config = read_json(first_batch.output / DONE_ROWS[1] / "config.json")
+    assert config["app_image_path"] == str(images / "raccoon.jpg")
+    assert config["struct_image_path"] == str(images / "astronaut.png")
+    assert config["swap_guidance_scale"] == 2.5 and config["seed"] == 7
+    assert config["prompt"] == "A photo of a animal" and config["process_index"] == 0
+    assert config["output_path"] == str(first_batch.output / DONE_ROWS[1])
+
+
+def test_shared_appearance_is_inverted_once(first_batch, images):
+    calls = first_batch.invert_calls
+    appearance = np.asarray(PIL.Image.open(images / "raccoon.jpg").convert("RGB"))
+    assert len(calls) == 4  # the appearance once, then each structure
+    assert sum(np.array_equal(call, appearance) for call in calls) == 1
+    cache = sorted(os.listdir(first_batch.output / "inversions"))
+    assert len(cache) == 4 and all(name.endswith(".safetensors") for name in cache)
+
+
+@pytest.mark.parametrize(
+    ("row", "extra"),
+    [(0, []), (1, ["--swap_guidance_scale", "2.5"])],
+    ids=["appearance inverted", "appearance from the cache"],
+)
+def test_rows_equal_the_single_pair_command(first_batch, images, tmp_path, row, extra):
+    app, struct = (images / name for name in ROWS[row][:2])
+    output = tmp_path / "single"
+    single = ["--app_image_path", str(app), "--struct_image_path", str(struct), "--domain_name", "animal"]
+    model = ["--model", str(first_batch.model), "--output_path", str(output), "--device", "cpu"]
+    assert cli.main([*single, *model, *FAST, *extra]) == 0
+    folder = first_batch.output / DONE_ROWS[row]
+    for name in ("transfer.png", "strip.png"):
+        np.testing.assert_array_equal(pixels(folder / name), pixels(output / name))
+    # Same cache keys: the single-pair command and the batch share their inversions.
+    assert read_json(folder / "config.json")["inversions"].keys() == {"appearance", "structure"}
+    batch_files = {role: Path(path).name for role, path in read_json(folder / "config.json")["inversions"].items()}
+    single_files = {role: Path(path).name for role, path in read_json(output / "config.json")["inversions"].items()}
+    assert batch_files == single_files
+
+
+def test_rerun_skips_done_rows(rerun, invert_calls, first_batch):
+    code, summary = rerun()
+    assert code == 1 and invert_calls == []
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (0, 3, 2)
+    assert {pair["row"] for pair in summary["pairs"] if pair["status"] == "skipped"} == set(DONE_ROWS)
+
+
+def test_changed_row_runs_again_from_the_cache(rerun, invert_calls, first_batch, images):
+    rows = [list(row) for row in ROWS]
+    rows[1][4] = "1.5"
+    code, summary = rerun(write_manifest(images / "changed.csv", rows))
+    assert code == 1 and invert_calls == []
+    assert {pair["row"]: pair["status"] for pair in summary["pairs"] if pair["row"] in DONE_ROWS} == {
+        0: "skipped",
+        1: "done",
+        3: "skipped",
+    }
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (["appearance", "structure"], "missing column(s) 'domain_name'"),
+        (["appearance", "structure", "domain_name", "sead"], "unknown column(s) 'sead'"),
+        (["appearance", "structure", "domain_name", "seed", "seed"], "repeated column(s) 'seed'"),
+        (None, "no rows"),
+    ],
+)
+def test_malformed_manifest_is_one_error_line(saved_sd_dir, tmp_path, capsys, invert_calls, header, message):
+    manifest = tmp_path / "pairs.csv"
+    if header is None:
+        manifest.write_text("appearance,structure,domain_name\n")
+    else:
+        write_manifest(manifest, [["a.png", "b.png", "animal", "1", "2"][: len(header)]], header)
+    assert batch.main(batch_args(saved_sd_dir, manifest, tmp_path / "output")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --manifest ") and message in err and len(err.splitlines()) == 1, err
+    assert invert_calls == []
+
+
+def test_processes_that_accelerate_did_not_join_are_refused(monkeypatch):
+    # torchrun's processes on a machine without GPUs, launched without ACCELERATE_USE_CPU: each would run every row.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="2 processes were launched .* set ACCELERATE_USE_CPU=true"):
+        batch.check_process_group(SimpleNamespace(num_processes=1))
+    batch.check_process_group(SimpleNamespace(num_processes=2))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--app_image_path", "a.png"], ["--load_latents"], ["--num_timesteps", "x"], []],
+    ids=["column option", "load_latents", "bad value", "no manifest"],
+)
+def test_argparse_refuses_options(tmp_path, capsys, argv):
+    manifest = ["--manifest", str(tmp_path / "pairs.csv")] if argv else []
+    with pytest.raises(SystemExit) as exit_info:
+        batch.main([*manifest, *argv])
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_accelerate_splits_the_rows_between_two_processes(saved_sd_dir, images, tmp_path):
+    rows = [row for row in ROWS if row[0] != "missing.png" and row[3] != "many"]
+    rows.append(["astronaut.png", "chelsea.jpg", "person", "", ""])
+    manifest = write_manifest(tmp_path / "pairs.csv", [[images / row[0], images / row[1], *row[2:]] for row in rows])
+    output = tmp_path / "output"
+    # accelerate starts several local processes with torchrun (`--multi_gpu`); ACCELERATE_USE_CPU puts them on CPUs
+    # (as its `debug_launcher` does). A private HF_HOME keeps this machine's accelerate config out.
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "-m", "cross_image_attention.batch",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run(
+        [*launch, *batch_args(saved_sd_dir, manifest, output)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    summary = read_json(output / "summary.json")
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (4, 0, 0)
+    assert [pair["row"] for pair in summary["pairs"]] == [0, 1, 2, 3]  # each row once
+    # accelerate's contiguous split: rows 0-1 on process 0, rows 2-3 on process 1.
+    assert [pair["process_index"] for pair in summary["pairs"]] == [0, 0, 1, 1]
+    for pair in summary["pairs"]:
+        folder = output / pair["folder"]
+        assert (folder / "done").is_file()
+        assert read_json(folder / "config.json")["process_index"] == pair["process_index"]
+    assert sorted(os.listdir(output)) == sorted(
+        [pair["folder"] for pair in summary["pairs"]] + ["inversions", "summary.json"]
+    )
+    assert result.stdout.count("4 pairs: 4 done, 0 skipped, 0 failed") == 1  # printed by the main process only
