@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         device = check_device(options.device) if options.device is not None else state.device
         for folder in (options.output_path, options.cache_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        pipe = load_pipeline(options, device)
+        pipe = load_pipeline(options.model, device, options.dtype)
     except (ValueError, TypeError, OSError) as error:
         print_error(error)
         return 1

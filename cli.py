@@ -230,11 +230,11 @@ def cache_key(image_bytes: bytes, role: str, settings: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def load_pipeline(args: argparse.Namespace, device: torch.device) -> CrossImageAttentionPipeline:
+def load_pipeline(model: str, device: str | torch.device, dtype: str) -> CrossImageAttentionPipeline:
     """The model as a `CrossImageAttentionPipeline` (its scheduler becomes DDIM), in the dtype, on the device."""
     pipe = CrossImageAttentionPipeline.from_pretrained(
-        args.model,
-        dtype=DTYPES[args.dtype],  # diffusers >= 0.40 name; `torch_dtype` is deprecated
+        model,
+        dtype=DTYPES[dtype],  # diffusers >= 0.40 name; `torch_dtype` is deprecated
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -343,12 +343,18 @@ def transfer(
     )
 
 
+def strip_image(output) -> PIL.Image.Image:
+    """The reference's strip `[structure | appearance | transfer]` of the first pair (the first two panels are the
+    pipeline's reconstructions)."""
+    panels = [output.structure_reconstructions[0], output.appearance_reconstructions[0], output.images[0]]
+    return PIL.Image.fromarray(np.concatenate([np.asarray(panel) for panel in panels], axis=1))
+
+
 def save_outputs(output, folder: Path) -> tuple[Path, Path]:
     """`transfer.png` and the reference's strip `[structure | appearance | transfer]` as `strip.png`."""
     transfer_path, strip_path = folder / "transfer.png", folder / "strip.png"
     output.images[0].save(transfer_path)
-    panels = [output.structure_reconstructions[0], output.appearance_reconstructions[0], output.images[0]]
-    PIL.Image.fromarray(np.concatenate([np.asarray(panel) for panel in panels], axis=1)).save(strip_path)
+    strip_image(output).save(strip_path)
     return transfer_path, strip_path
 
 
@@ -387,7 +393,7 @@ def run(args: argparse.Namespace) -> None:
         for data, role in zip((app_bytes, struct_bytes), ROLES)
     ]
 
-    pipe = load_pipeline(args, device)
+    pipe = load_pipeline(args.model, device, args.dtype)
     app_inversion, struct_inversion = invert_or_load(
         pipe, [app_image, struct_image], cache_paths, args.load_latents, args, prompt
     )
