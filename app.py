@@ -1,0 +1,306 @@
+"""Gradio demo: render the structure image's object with the appearance image's look, in the browser.
+
+    python app.py                      # Stable Diffusion 1.5 from the Hub, http://127.0.0.1:7860
+    python app.py --model ./my_sd_dir  # any local diffusers Stable Diffusion folder
+
+Two image inputs, the objects' domain name, the pipeline's main options in an "Advanced options" section, the
+bundled example pair, a progress bar over the inversion and the denoising steps; the outputs are the transfer and
+the reference's strip `[structure | appearance | transfer]` (its first two panels are the pipeline's reconstructions).
+Bad inputs are reported as a message in the page. Nothing is fetched from the network but the model (none for a
+local `--model`): analytics are off, no share link is made unless `--share` is given.
+"""
+
+import argparse
+import math
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+# Before gradio is imported: no telemetry and no version check against gradio's servers.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+from cross_image_attention import CrossImageAttentionPipeline  # noqa: E402
+from cross_image_attention.cli import (  # noqa: E402
+    DEFAULT_MODEL,
+    DTYPES,
+    EXAMPLE_APPEARANCE,
+    EXAMPLE_DOMAIN,
+    EXAMPLE_STRUCTURE,
+    check_device,
+    check_model,
+    load_pipeline,
+    strip_image,
+)
+
+TITLE = "Cross-Image Attention for Zero-Shot Appearance Transfer"
+DESCRIPTION = (
+    "Upload an **appearance** image and a **structure** image of similar objects (two animals, two cars, ...) and "
+    "name their domain: the output shows the structure image's object with the appearance image's look. The strip "
+    "shows the pipeline's reconstructions of the structure and the appearance next to the transfer."
+)
+# Labels of the number inputs, to name an empty one in the error message.
+NUMBER_LABELS = {
+    "seed": "Seed",
+    "num_timesteps": "Timesteps (num_inference_steps)",
+    "skip_steps": "Skipped steps (skip_steps)",
+    "swap_guidance_scale": "Appearance guidance (swap_guidance_scale)",
+    "contrast_strength": "Attention contrast (contrast_strength)",
+    "cross_attn_32_start": "cross_attn_32_range start",
+    "cross_attn_32_end": "cross_attn_32_range end",
+    "cross_attn_64_start": "cross_attn_64_range start",
+    "cross_attn_64_end": "cross_attn_64_range end",
+    "adain_start": "adain_range start",
+    "adain_end": "adain_range end",
+    "height": "Height (pixels)",
+    "width": "Width (pixels)",
+}
+
+
+def message(error: BaseException) -> str:
+    """The error's text on one line (some libraries' messages span several)."""
+    return " ".join(str(error).split())
+
+
+def error(text: str) -> gr.Error:
+    """A message shown in the page until closed (not for 10 s), without a traceback in the server's log."""
+    return gr.Error(text, duration=None, print_exception=False)
+
+
+def run_transfer(
+    pipe: CrossImageAttentionPipeline,
+    appearance_image: PIL.Image.Image | None,
+    structure_image: PIL.Image.Image | None,
+    domain_name: str | None = EXAMPLE_DOMAIN,
+    seed: int | None = 42,
+    num_timesteps: int | None = 100,
+    skip_steps: int | None = 32,
+    swap_guidance_scale: float | None = 3.5,
+    contrast_strength: float | None = 1.67,
+    use_masked_adain: bool = True,
+    cross_attn_32_start: int | None = 10,
+    cross_attn_32_end: int | None = 70,
+    cross_attn_64_start: int | None = 10,
+    cross_attn_64_end: int | None = 90,
+    adain_start: int | None = 20,
+    adain_end: int | None = 100,
+    height: int | None = 512,
+    width: int | None = 512,
+    progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (gradio finds the tracker by this default)
+) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    """The demo's Run button: the transfer and the strip `[structure | appearance | transfer]`.
+
+    Bad input raises `gr.Error` with a readable one-line message, which Gradio shows in the page.
+    """
+    if appearance_image is None:
+        raise error("Upload an appearance image (the look to transfer).")
+    if structure_image is None:
+        raise error("Upload a structure image (the object whose shape is kept).")
+    numbers = {name: value for name, value in locals().items() if name in NUMBER_LABELS}
+    for name, value in numbers.items():
+        # An emptied number box arrives as None; the pipeline checks the values themselves.
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            raise error(f"{NUMBER_LABELS[name]} is empty: enter a number.")
+    if not 0 <= seed < 2**64:
+        raise error(f"Seed must be an integer from 0 to 2**64 - 1, got {seed}.")
+    domain_name = (domain_name or "").strip() or None
+    if use_masked_adain and domain_name is None:
+        raise error(
+            "Masked AdaIN needs a domain name (e.g. animal) to find the objects; enter one, or turn masked AdaIN off "
+            "in the advanced options."
+        )
+
+    # The page's progress bar follows the pipeline's own progress bars (`track_tqdm`): the inversion's steps, then
+    # the denoising's. (A `callback_on_step_end` reporting the denoising steps would add nothing: each tqdm update
+    # right after it replaces what it reported, and it cannot see the inversion.)
+    progress(0, desc="Inverting both images")
+    try:
+        output = pipe(
+            appearance_image.convert("RGB"),
+            structure_image.convert("RGB"),
+            # Without masked AdaIN the reference lets the domain default to "object", and so its prompt.
+            domain_name=domain_name or "object",
+            num_inference_steps=num_timesteps,
+            skip_steps=skip_steps,
+            swap_guidance_scale=swap_guidance_scale,
+            contrast_strength=contrast_strength,
+            cross_attn_32_range=(cross_attn_32_start, cross_attn_32_end),
+            cross_attn_64_range=(cross_attn_64_start, cross_attn_64_end),
+            adain_range=(adain_start, adain_end),
+            use_masked_adain=use_masked_adain,
+            height=height,
+            width=width,
+            generator=torch.Generator().manual_seed(int(seed)),
+            return_reconstructions=True,
+        )
+    except (ValueError, TypeError) as problem:
+        raise error(message(problem)) from None
+    except torch.OutOfMemoryError:
+        raise error("Out of memory: try a smaller height and width.") from None
+    transfer = output.images[0]
+    return transfer, strip_image(output)
+
+
+def build_demo(
+    pipe_or_model: CrossImageAttentionPipeline | str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    examples: bool = True,
+) -> gr.Blocks:
+    """The demo's page around a loaded pipeline, or around a model (Hub id or folder) loaded on `device`.
+
+    `examples` adds the bundled example pair (not cached: selecting it only fills the inputs).
+    """
+    pipe = pipe_or_model
+    if not isinstance(pipe, CrossImageAttentionPipeline):
+        pipe = load_pipeline(str(pipe_or_model), device, dtype)
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
+        with gr.Row():
+            with gr.Column():
+                with gr.Row():
+                    appearance = gr.Image(
+                        label="Appearance image",
+                        type="pil",
+                        image_mode="RGB",
+                        sources=["upload", "clipboard"],
+                        elem_id="appearance",
+                    )
+                    structure = gr.Image(
+                        label="Structure image",
+                        type="pil",
+                        image_mode="RGB",
+                        sources=["upload", "clipboard"],
+                        elem_id="structure",
+                    )
+                domain = gr.Textbox(
+                    label="Domain name",
+                    value=EXAMPLE_DOMAIN,
+                    info='The objects\' class, e.g. "animal" (prompt "A photo of a {domain}")',
+                    elem_id="domain_name",
+                )
+                with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
+                    with gr.Row():
+                        seed = gr.Number(label=NUMBER_LABELS["seed"], value=42, precision=0, elem_id="seed")
+                        num_timesteps = gr.Number(
+                            label=NUMBER_LABELS["num_timesteps"], value=100, precision=0, elem_id="num_timesteps"
+                        )
+                        skip_steps = gr.Number(
+                            label=NUMBER_LABELS["skip_steps"],
+                            value=32,
+                            precision=0,
+                            info="noisiest steps skipped",
+                            elem_id="skip_steps",
+                        )
+                    with gr.Row():
+                        swap_guidance_scale = gr.Slider(
+                            0, 10, value=3.5, step=0.1, label=NUMBER_LABELS["swap_guidance_scale"], elem_id="swap"
+                        )
+                        contrast_strength = gr.Slider(
+                            0, 5, value=1.67, step=0.01, label=NUMBER_LABELS["contrast_strength"], elem_id="contrast"
+                        )
+                    use_masked_adain = gr.Checkbox(
+                        value=True,
+                        label="Masked AdaIN (restrict AdaIN to the objects found by self-segmentation)",
+                        elem_id="use_masked_adain",
+                    )
+                    ranges = []
+                    for name, (start, end) in (
+                        ("cross_attn_32", (10, 70)),
+                        ("cross_attn_64", (10, 90)),
+                        ("adain", (20, 100)),
+                    ):
+                        with gr.Row():
+                            for side, value in (("start", start), ("end", end)):
+                                key = f"{name}_{side}"
+                                ranges.append(
+                                    gr.Number(label=NUMBER_LABELS[key], value=value, precision=0, elem_id=key)
+                                )
+                    with gr.Row():
+                        height = gr.Number(
+                            label=NUMBER_LABELS["height"], value=512, precision=0, step=64, elem_id="height"
+                        )
+                        width = gr.Number(
+                            label=NUMBER_LABELS["width"], value=512, precision=0, step=64, elem_id="width"
+                        )
+                run = gr.Button("Run", variant="primary", elem_id="run")
+            with gr.Column():
+                transfer = gr.Image(label="Transfer", type="pil", format="png", interactive=False, elem_id="transfer")
+                strip_image = gr.Image(
+                    label="Strip: structure | appearance | transfer",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    elem_id="strip",
+                )
+        if examples:
+            gr.Examples(
+                examples=[[str(EXAMPLE_APPEARANCE), str(EXAMPLE_STRUCTURE), EXAMPLE_DOMAIN]],
+                inputs=[appearance, structure, domain],
+                label="Example pair (appearance, structure, domain)",
+                cache_examples=False,
+            )
+        run.click(
+            partial(run_transfer, pipe),
+            inputs=[
+                appearance,
+                structure,
+                domain,
+                seed,
+                num_timesteps,
+                skip_steps,
+                swap_guidance_scale,
+                contrast_strength,
+                use_masked_adain,
+                *ranges,
+                height,
+                width,
+            ],
+            outputs=[transfer, strip_image],
+            # One run at a time: the pipeline swaps the UNet's attention processors while it runs.
+            concurrency_limit=1,
+        )
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="app.py", description=f"{TITLE}: Gradio demo.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available, else cpu)",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default: float32)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    parser.add_argument(
+        "--share", action="store_true", help="also make a public gradio.live link (needs the network; default: off)"
+    )
+    parser.add_argument("--no-examples", dest="examples", action="store_false", help="leave out the example pair")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the model and serve the demo until interrupted; 1 with one `error:` line for a bad model or device."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_model(args.model)
+        device = check_device(args.device)
+        pipe = load_pipeline(args.model, device, args.dtype)
+    except (ValueError, TypeError, OSError) as problem:
+        print(f"error: {message(problem)}", file=sys.stderr)
+        return 1
+    demo = build_demo(pipe, examples=args.examples)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

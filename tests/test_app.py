@@ -1,0 +1,272 @@
+"""The Gradio demo (app.py): its Run callback on the tiny saved model, and the page driven in headless Chromium.
+
+The browser tests need the Python package playwright and a Chromium executable (Debian's `chromium`, or the path
+in `$CHROMIUM`); without them they are skipped, saying which is missing, or fail with `CIA_REQUIRE_BROWSER=1` (as in
+CI). Playwright's own browser download is never used.
+"""
+
+import os
+import shutil
+import socket
+import tempfile
+
+# Before gradio is imported (as app.py does): no telemetry. Uploads and outputs go to a private folder, removed after
+# the tests, not to /tmp/gradio (gradio reads this at import and at call time).
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+if "GRADIO_TEMP_DIR" not in os.environ:
+    os.environ["GRADIO_TEMP_DIR"] = OWN_GRADIO_TEMP_DIR = tempfile.mkdtemp(prefix="cia-gradio-")
+else:
+    OWN_GRADIO_TEMP_DIR = None
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cross_image_attention import app  # noqa: E402
+from cross_image_attention.cli import EXAMPLE_APPEARANCE, EXAMPLE_STRUCTURE  # noqa: E402
+
+SIZE = 64
+# Tiny settings (as the CLI tests'): 4 denoising steps with every feature, unmasked AdaIN.
+FAST = {
+    "num_timesteps": 6,
+    "skip_steps": 2,
+    "cross_attn_32_start": 1,
+    "cross_attn_32_end": 5,
+    "cross_attn_64_start": 1,
+    "cross_attn_64_end": 5,
+    "adain_start": 2,
+    "adain_end": 6,
+    "height": SIZE,
+    "width": SIZE,
+    "use_masked_adain": False,
+}
+# Generous: a loaded 2-core machine makes even the tiny model slow.
+TIMEOUT_MS = 60_000
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_gradio_temp_dir():
+    yield
+    if OWN_GRADIO_TEMP_DIR is not None:
+        shutil.rmtree(OWN_GRADIO_TEMP_DIR, ignore_errors=True)
+
+
+class RecordedProgress:
+    """Stands in for `gr.Progress`: records what the callback reports."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, progress, desc=None, total=None, unit="steps"):
+        self.calls.append((progress, desc))
+
+
+@pytest.fixture(scope="module")
+def pipe(saved_sd_dir):
+    """The tiny saved model, loaded as the demo loads `--model`."""
+    pipe = app.load_pipeline(str(saved_sd_dir), "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, appearance, structure, **settings):
+    return app.run_transfer(pipe, appearance, structure, **{"domain_name": "animal", **FAST, **settings})
+
+
+@pytest.fixture(scope="module")
+def first_run(pipe, cat_image, astronaut_image):
+    """One transfer of the astronaut's look (uploaded in grayscale) onto the cat, and what it reported."""
+    progress = RecordedProgress()
+    outputs = run(pipe, astronaut_image.convert("L"), cat_image, seed=7, progress=progress)
+    return outputs, progress.calls
+
+
+def test_transfer_and_strip(first_run, cat_image):
+    (transfer, strip), progress_calls = first_run
+    # The grayscale upload was converted to RGB.
+    assert transfer.size == (SIZE, SIZE) and transfer.mode == "RGB"
+    assert strip.size == (3 * SIZE, SIZE)
+    np.testing.assert_array_equal(np.asarray(strip)[:, 2 * SIZE :], np.asarray(transfer))
+    # The structure reconstruction comes first, the appearance's second: the left panel is closer to the cat.
+    panels = np.asarray(strip, dtype=float).reshape(SIZE, 3, SIZE, 3).transpose(1, 0, 2, 3)
+    cat = np.asarray(cat_image.resize((SIZE, SIZE)), dtype=float)
+    assert np.abs(panels[0] - cat).mean() < np.abs(panels[1] - cat).mean()
+    assert progress_calls == [(0, "Inverting both images")]  # then the pipeline's tqdm bars, tracked by gradio
+
+
+def test_seed_repeats(first_run, pipe, cat_image, astronaut_image):
+    (transfer, _), _ = first_run
+    again, _ = run(pipe, astronaut_image.convert("L"), cat_image, seed=7)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(transfer))
+
+
+@pytest.mark.parametrize(
+    ("appearance", "structure", "settings", "expected"),
+    [
+        (None, "cat", {}, "Upload an appearance image"),
+        ("cat", None, {}, "Upload a structure image"),
+        ("cat", "cat", {"skip_steps": None}, "Skipped steps (skip_steps) is empty"),
+        ("cat", "cat", {"swap_guidance_scale": float("nan")}, "(swap_guidance_scale) is empty"),
+        ("cat", "cat", {"seed": -1}, "Seed must be an integer from 0 to 2**64 - 1"),
+        ("cat", "cat", {"use_masked_adain": True, "domain_name": "  "}, "Masked AdaIN needs a domain name"),
+        ("cat", "cat", {"skip_steps": 6}, "`skip_steps` (6) must be smaller than `num_inference_steps`"),
+        ("cat", "cat", {"height": 72}, "`height` must be a multiple of"),
+        ("cat", "cat", {"adain_start": 5, "adain_end": 3}, "`adain_range` must satisfy 0 <= start <= end"),
+        ("cat", "cat", {"contrast_strength": -1.0}, "`contrast_strength` must be a finite number >= 0"),
+    ],
+    ids=[
+        "no-appearance",
+        "no-structure",
+        "empty-number",
+        "nan",
+        "seed",
+        "masked-no-domain",
+        "skip",
+        "size",
+        "range",
+        "neg",
+    ],
+)
+def test_bad_input_is_a_readable_error(pipe, cat_image, appearance, structure, settings, expected):
+    images = {"cat": cat_image, None: None}
+    with pytest.raises(gr.Error) as caught:
+        run(pipe, images[appearance], images[structure], **settings)
+    assert expected in caught.value.message
+    assert "\n" not in caught.value.message and "Traceback" not in caught.value.message
+
+
+def test_main_rejects_a_missing_model(tmp_path, capsys):
+    assert app.main(["--model", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.startswith("error: --model: no such folder")
+
+
+def test_build_demo_from_a_model_folder(saved_sd_dir):
+    demo = app.build_demo(saved_sd_dir, examples=False)
+    assert isinstance(demo, gr.Blocks)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The page in a real browser
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium started by Playwright (never Playwright's own browser download), headless and offline.
+
+    Skipped when playwright or Chromium is missing, unless `CIA_REQUIRE_BROWSER=1` (CI) makes that a failure.
+    """
+    missing = pytest.fail if os.environ.get("CIA_REQUIRE_BROWSER") == "1" else pytest.skip
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing("the browser tests need the playwright package: `pip install playwright` (not `playwright install`)")
+    executable = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        missing("the browser tests need Chromium: `apt-get install chromium` (or set $CHROMIUM to its path)")
+    sync_api.expect.set_options(timeout=TIMEOUT_MS)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo_url(pipe):
+    demo = app.build_demo(pipe)
+    _, url, _ = demo.launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), share=False, quiet=True
+    )
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def page(chromium, demo_url):
+    context = chromium.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    outside = []
+    page.on("request", lambda request: outside.append(request.url) if "127.0.0.1" not in request.url else None)
+    page.goto(demo_url)
+    yield page
+    context.close()
+    assert outside == [], "the page requested something outside the demo's server"
+
+
+def upload(page, role: str, path) -> None:
+    page.locator(f"#{role} input[type=file]").set_input_files(str(path))
+    page.locator(f"#{role} img").wait_for(state="visible")  # the preview
+
+
+def set_fast_settings(page) -> None:
+    page.get_by_text("Advanced options").click()
+    for name, value in FAST.items():
+        if name != "use_masked_adain":
+            page.locator(f"#{name} input").fill(str(value))
+    page.locator("#use_masked_adain input").uncheck()
+
+
+def natural_size(page, selector: str) -> tuple[int, int]:
+    image = page.locator(f"{selector} img")
+    image.wait_for(state="visible")
+    page.wait_for_function(f"() => document.querySelector('{selector} img').complete")
+    return tuple(image.evaluate("img => [img.naturalWidth, img.naturalHeight]"))
+
+
+def test_browser_upload_run_and_see_the_transfer(page, tmp_path):
+    from playwright.sync_api import expect
+
+    expect(page.get_by_text("Cross-Image Attention for Zero-Shot Appearance Transfer")).to_be_visible()
+    upload(page, "appearance", EXAMPLE_APPEARANCE)
+    upload(page, "structure", EXAMPLE_STRUCTURE)
+    set_fast_settings(page)
+    page.locator("#run").click()
+    assert natural_size(page, "#transfer") == (SIZE, SIZE)
+    assert natural_size(page, "#strip") == (3 * SIZE, SIZE)
+    screenshot = tmp_path / "demo.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"screenshot: {screenshot}")
+
+
+def test_browser_bad_input_shows_a_message(page, tmp_path):
+    from playwright.sync_api import expect
+
+    upload(page, "appearance", EXAMPLE_APPEARANCE)
+    page.locator("#run").click()  # no structure image
+    expect(page.get_by_text("Upload a structure image")).to_be_visible()
+
+    upload(page, "structure", EXAMPLE_STRUCTURE)
+    set_fast_settings(page)
+    page.locator("#skip_steps input").fill("6")  # as many as the timesteps: the pipeline's ValueError
+    page.locator("#run").click()
+    expect(page.get_by_text("`skip_steps` (6) must be smaller than `num_inference_steps`")).to_be_visible()
+    assert "Traceback" not in page.content()
+    expect(page.locator("#transfer img")).to_have_count(0)
+    screenshot = tmp_path / "errors.png"
+    page.screenshot(path=str(screenshot))
+    print(f"screenshot: {screenshot}")
+
+
+def test_browser_example_fills_the_inputs(page):
+    page.get_by_text("Example pair (appearance, structure, domain)").scroll_into_view_if_needed()
+    page.locator("table tbody tr").first.click()
+    page.locator("#appearance img").wait_for(state="visible")
+    page.locator("#structure img").wait_for(state="visible")
+    assert page.locator("#domain_name textarea, #domain_name input").first.input_value() == "animal"
