@@ -85,9 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--masked_adain", action="store_true", help="self-segmentation masks (the CLI default)")
     # The default ranges start at step 10; short schedules pass e.g. `0 10` so that every feature runs.
-    parser.add_argument("--cross_attn_32_range", type=int, nargs=2, default=(10, 70), metavar=("START", "END"))
-    parser.add_argument("--cross_attn_64_range", type=int, nargs=2, default=(10, 90), metavar=("START", "END"))
-    parser.add_argument("--adain_range", type=int, nargs=2, default=(20, 100), metavar=("START", "END"))
+    parser.add_argument("--cross_attn_32_range", type=int, nargs=2, default=[10, 70], metavar=("START", "END"))
+    parser.add_argument("--cross_attn_64_range", type=int, nargs=2, default=[10, 90], metavar=("START", "END"))
+    parser.add_argument("--adain_range", type=int, nargs=2, default=[20, 100], metavar=("START", "END"))
     parser.add_argument("--output", type=Path, default=Path("benchmark.json"), help="JSON results file")
     return parser.parse_args(argv)
 
