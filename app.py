@@ -26,11 +26,10 @@ import torch  # noqa: E402
 
 from cross_image_attention import CrossImageAttentionPipeline  # noqa: E402
 from cross_image_attention.cli import (  # noqa: E402
-    DEFAULT_MODEL,
-    DTYPES,
     EXAMPLE_APPEARANCE,
     EXAMPLE_DOMAIN,
     EXAMPLE_STRUCTURE,
+    add_model_options,
     check_device,
     check_model,
     load_pipeline,
@@ -271,13 +270,7 @@ def build_demo(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="app.py", description=f"{TITLE}: Gradio demo.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available, else cpu)",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default: float32)")
+    add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     parser.add_argument(

@@ -59,6 +59,17 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--device` and `--dtype`, shared by the command line and the demo."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available, else cpu)",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default: float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The options of the reference's `RunConfig`, plus model, device, dtype, size and cache folder."""
     parser = argparse.ArgumentParser(
@@ -116,13 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=("START", "END"),
             help=f"denoising steps with {what} (default: {start} {end})",
         )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available, else cpu)",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default: float32)")
+    add_model_options(parser)
     parser.add_argument("--height", type=int, default=512, help="image height in pixels (default: 512)")
     parser.add_argument("--width", type=int, default=512, help="image width in pixels (default: 512)")
     return parser
