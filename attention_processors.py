@@ -101,10 +101,6 @@ class BatchLayout:
         flags = {"out": self.out, "out_plain": self.out_plain, "appearance": True, "structure": self.structure}
         return [name for name, present in flags.items() if present]
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.groups) * self.num_pairs
-
     def rows(self, group: str) -> slice:
         """The batch rows of ``group``, which must be present."""
         index = self.groups.index(group)
