@@ -36,22 +36,15 @@ from tqdm.auto import tqdm
 from tqdm.contrib import DummyTqdmFile
 
 from .cli import (
-    INVERSION_GUIDANCE_SCALE,
-    ROLES,
     build_parser,
-    cache_key,
     check_device,
     check_model,
     check_settings,
-    inversion_settings,
-    invert_or_load,
     load_pipeline,
     parse_bool,
     read_image,
-    save_outputs,
-    transfer,
+    transfer_pair,
     write_atomically,
-    write_config,
 )
 from .pipeline_cross_image import CrossImageAttentionPipeline
 
@@ -200,34 +193,11 @@ def fingerprint(options: argparse.Namespace, pair: Pair) -> str:
 
 def run_pair(pipe: CrossImageAttentionPipeline, options: argparse.Namespace, process_index: int) -> None:
     """Invert (or load) the pair, transfer, and write the outputs as the single-pair command does."""
-    app_bytes, app_image = read_image(options.app_image_path, "appearance")
-    struct_bytes, struct_image = read_image(options.struct_image_path, "structure")
-    # As in the single-pair command: without masked AdaIN the domain, and so the prompt, default to "object".
-    domain_name = options.domain_name or "object"
-    prompt = options.prompt if options.prompt is not None else f"A photo of a {domain_name}"
-    settings = inversion_settings(options, prompt)
-    cache_paths = [
-        options.cache_dir / f"{cache_key(data, role, settings)}.safetensors"
-        for data, role in zip((app_bytes, struct_bytes), ROLES)
-    ]
+    paths = (options.app_image_path, options.struct_image_path)
+    images = (read_image(paths[0], "appearance"), read_image(paths[1], "structure"))
     # A batch always reuses cached inversions, so one appearance against many structures is inverted once.
-    app_inversion, struct_inversion = invert_or_load(
-        pipe, [app_image, struct_image], cache_paths, True, options, prompt
-    )
-    output = transfer(pipe, app_inversion, struct_inversion, options, domain_name, prompt)
-    save_outputs(output, options.output_path)
-    write_config(
-        options.output_path / "config.json",
-        options,
-        {
-            "app_image_path": str(options.app_image_path),
-            "struct_image_path": str(options.struct_image_path),
-            "domain_name": domain_name,
-            "prompt": prompt,
-            "inversion_guidance_scale": INVERSION_GUIDANCE_SCALE,
-            "inversions": {role: str(path) for role, path in zip(ROLES, cache_paths)},
-            "process_index": process_index,
-        },
+    transfer_pair(
+        pipe, options, paths, images, options.domain_name, options.cache_dir, True, {"process_index": process_index}
     )
 
 

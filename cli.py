@@ -377,44 +377,67 @@ def write_config(path: Path, args: argparse.Namespace, resolved: dict) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def run(args: argparse.Namespace) -> None:
-    """Check the inputs, invert (or load) both images, transfer, and write the outputs."""
-    app_path, struct_path, domain_name = resolve_inputs(args)
-    check_settings(args, domain_name)
-    device = check_device(args.device)
-    app_bytes, app_image = read_image(app_path, "--app_image_path")
-    struct_bytes, struct_image = read_image(struct_path, "--struct_image_path")
-    check_model(args.model)
+def transfer_pair(
+    pipe: CrossImageAttentionPipeline,
+    args: argparse.Namespace,
+    paths: tuple[Path, Path],
+    images: tuple[tuple[bytes, PIL.Image.Image], tuple[bytes, PIL.Image.Image]],
+    domain_name: str | None,
+    cache_dir: Path,
+    reuse: bool,
+    extra_config: dict | None = None,
+) -> tuple[Path, Path]:
+    """Invert (or load) one pair, transfer it, and write `transfer.png`, `strip.png` and `config.json` to
+    `args.output_path`; shared by the single-pair command and `batch`, so that both give the same results and caches.
+
+    Args:
+        paths: The appearance and structure files (recorded in the config).
+        images: `(file bytes, RGB image)` of the appearance and the structure, as [`read_image`] returns them.
+        reuse: Load inversions that are already in `cache_dir` (else invert and overwrite them).
+        extra_config: More entries for `config.json`.
+    """
+    (app_bytes, app_image), (struct_bytes, struct_image) = images
     # Without masked AdaIN the reference lets the domain default to "object", and so its prompt.
     domain_name = domain_name or "object"
     prompt = args.prompt if args.prompt is not None else f"A photo of a {domain_name}"
-
-    cache_dir = args.cache_dir if args.cache_dir is not None else args.output_path / "inversions"
-    for folder in (args.output_path, cache_dir):
-        folder.mkdir(parents=True, exist_ok=True)
     settings = inversion_settings(args, prompt)
     cache_paths = [
         cache_dir / f"{cache_key(data, role, settings)}.safetensors"
         for data, role in zip((app_bytes, struct_bytes), ROLES)
     ]
-
-    pipe = load_pipeline(args.model, device, args.dtype)
-    app_inversion, struct_inversion = invert_or_load(
-        pipe, [app_image, struct_image], cache_paths, args.load_latents, args, prompt
-    )
+    app_inversion, struct_inversion = invert_or_load(pipe, [app_image, struct_image], cache_paths, reuse, args, prompt)
     output = transfer(pipe, app_inversion, struct_inversion, args, domain_name, prompt)
-    transfer_path, strip_path = save_outputs(output, args.output_path)
+    saved = save_outputs(output, args.output_path)
     write_config(
         args.output_path / "config.json",
         args,
         {
-            "app_image_path": str(app_path),
-            "struct_image_path": str(struct_path),
+            "app_image_path": str(paths[0]),
+            "struct_image_path": str(paths[1]),
             "domain_name": domain_name,
             "prompt": prompt,
             "inversion_guidance_scale": INVERSION_GUIDANCE_SCALE,
             "inversions": {role: str(path) for role, path in zip(ROLES, cache_paths)},
+            **(extra_config or {}),
         },
+    )
+    return saved
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check the inputs, invert (or load) both images, transfer, and write the outputs."""
+    app_path, struct_path, domain_name = resolve_inputs(args)
+    check_settings(args, domain_name)
+    device = check_device(args.device)
+    app_read = read_image(app_path, "--app_image_path")
+    struct_read = read_image(struct_path, "--struct_image_path")
+    check_model(args.model)
+    cache_dir = args.cache_dir if args.cache_dir is not None else args.output_path / "inversions"
+    for folder in (args.output_path, cache_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model, device, args.dtype)
+    transfer_path, strip_path = transfer_pair(
+        pipe, args, (app_path, struct_path), (app_read, struct_read), domain_name, cache_dir, args.load_latents
     )
     print(f"Saved {transfer_path} and {strip_path}")
 
