@@ -1,6 +1,9 @@
 """AdaIN on latents, plain and masked, as the reference applies it to the output branch after each DDPM step."""
 
 import torch
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 ADAIN_EPS = 1e-5
 
@@ -56,3 +59,44 @@ def masked_adain(
 def mask_supports_adain(mask: torch.Tensor) -> bool:
     """Whether masked statistics are finite: the unbiased variance needs at least two pixels inside the mask."""
     return int((mask == 1).sum()) >= 2
+
+
+def usable_pair_masks(pair_masks: list) -> list:
+    """Replace the masks of a pair by None (plain AdaIN) when one of them is (near-)empty.
+
+    The reference computes masked statistics regardless; with fewer than two pixels they are NaN and the whole output
+    turns black (its open "black image" issue). Falling back to plain AdaIN keeps the output finite.
+
+    Args:
+        pair_masks: Per pair, `(appearance mask, structure mask)` on the latent grid.
+    """
+    usable = []
+    for pair, masks in enumerate(pair_masks):
+        if all(mask_supports_adain(mask) for mask in masks):
+            usable.append(masks)
+        else:
+            logger.warning(
+                "An object mask of pair %d covers fewer than two latent pixels, so masked AdaIN would give NaN; "
+                "plain AdaIN is used for this pair instead.",
+                pair,
+            )
+            usable.append(None)
+    return usable
+
+
+def adain_per_pair(out_latents: torch.Tensor, app_latents: torch.Tensor, pair_masks: list | None) -> torch.Tensor:
+    """AdaIN of every output latent towards its appearance latent, masked for pairs that have usable masks.
+
+    Args:
+        out_latents, app_latents: `[P, C, h, w]`.
+        pair_masks: Per pair, `(appearance mask, structure mask)` or None (plain AdaIN); None for all plain.
+    """
+    results = []
+    for pair, (content, style) in enumerate(zip(out_latents, app_latents)):
+        masks = pair_masks[pair] if pair_masks is not None else None
+        if masks is None:
+            results.append(adain(content, style))
+        else:
+            app_mask, struct_mask = (m.to(content.device) for m in masks)
+            results.append(masked_adain(content, style, struct_mask, app_mask))
+    return torch.stack(results)

@@ -7,6 +7,7 @@ the noisy trajectory is sampled with one independent draw per timestep, from the
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,15 @@ from safetensors.torch import save_file
 
 FORMAT_NAME = "cross-image-attention-inversion"
 FORMAT_VERSION = "1"
-_METADATA_FIELDS = ("prompt", "num_inference_steps", "skip_steps", "guidance_scale", "height", "width")
+_METADATA_FIELDS = (
+    "prompt",
+    "num_inference_steps",
+    "skip_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "reference_freeu",
+)
 
 
 @dataclass
@@ -34,6 +43,7 @@ class InversionResult:
         skip_steps (`int`, *optional*): Steps skipped at the noisy end (`N = T - skip_steps`).
         guidance_scale (`float`, *optional*): Classifier-free guidance scale used during inversion.
         height (`int`, *optional*), width (`int`, *optional*): Image size in pixels.
+        reference_freeu (`bool`, *optional*): Whether the reference's FreeU variant was active in the UNet calls.
     """
 
     latents: torch.Tensor
@@ -45,6 +55,7 @@ class InversionResult:
     guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
+    reference_freeu: bool | None = None
 
     def __post_init__(self):
         for name in ("latents", "noise", "timesteps"):
@@ -222,3 +233,67 @@ def extract_noise_map(
     sigma = coeffs.variance**0.5
     noise = (less_noisy_sample - mean) / sigma
     return noise, mean + sigma * noise
+
+
+def invert_edit_friendly(
+    predict_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    clean_latents: torch.Tensor,
+    conditional: torch.Tensor,
+    unconditional: torch.Tensor,
+    all_timesteps: torch.Tensor,
+    skip_steps: int,
+    guidance_scale: float,
+    generators: list,
+    progress_bar: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edit-friendly DDPM inversion of a batch of latents, all images batched in each UNet call.
+
+    Args:
+        predict_noise: ``(latents, timestep, embeddings) -> eps`` in float32.
+        scheduler: A `DDIMScheduler` set to the `T`-step schedule.
+        clean_latents: `[K, C, h, w]` encoded images.
+        conditional, unconditional: `[K, 77, D]` prompt and empty-prompt embeddings.
+        all_timesteps: The full `T`-step schedule, noisiest first.
+        skip_steps: `S`; only `x[S]` and `z[S:]` are returned.
+        guidance_scale: Classifier-free guidance scale of the noise predictions.
+        generators: One entry per image; images sharing a generator draw one after the other.
+        progress_bar: ``progress_bar(total=...)`` context manager factory (the pipeline's), or None.
+
+    Returns:
+        `(latents [K, C, h, w], noise [K, T - S, C, h, w])`.
+    """
+    num_steps = len(all_timesteps)
+    latent_shape = tuple(clean_latents.shape[1:])
+    trajectories = []
+    for image, generator in enumerate(generators):
+        # Quirk kept for seed compatibility: the reference draws one noise per timestep for all T steps, least noisy
+        # first, image after image, even for the steps it later skips.
+        def draw(generator=generator):
+            return draw_trajectory_noise(latent_shape, generator, clean_latents.device)
+
+        trajectories.append(sample_noisy_trajectory(clean_latents[image : image + 1], scheduler, all_timesteps, draw))
+
+    # Each noise map depends only on the sampled x[k], x[k+1] and the prediction at x[k], so only the steps that
+    # denoising uses are computed: k >= S, and k = S - 1 whose re-computed x[S] (mu + sigma z, equal to the sample up
+    # to rounding) is where the reference starts. z[T-1] is zeroed by the reference, so its UNet call is skipped too.
+    first_step = max(skip_steps - 1, 0)
+    noise_maps = torch.zeros((len(generators), num_steps - skip_steps, *latent_shape), device=clean_latents.device)
+    start_latents = torch.cat([trajectory[skip_steps] for trajectory in trajectories])
+    embeddings = torch.cat([unconditional, conditional])
+    bar = progress_bar(total=num_steps - 1 - first_step) if progress_bar is not None else nullcontext()
+    with bar:
+        for k in range(num_steps - 2, first_step - 1, -1):  # from the least noisy step to the noisiest
+            t = all_timesteps[k]
+            sample = torch.cat([trajectory[k] for trajectory in trajectories])
+            less_noisy = torch.cat([trajectory[k + 1] for trajectory in trajectories])
+            eps_uncond, eps_cond = predict_noise(torch.cat([sample, sample]), t, embeddings).chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            noise, recomputed = extract_noise_map(sample, less_noisy, eps, ddpm_coefficients(scheduler, t))
+            if k >= skip_steps:
+                noise_maps[:, k - skip_steps] = noise
+            if k + 1 == skip_steps:
+                start_latents = recomputed
+            if progress_bar is not None:
+                bar.update()
+    return start_latents, noise_maps

@@ -10,49 +10,59 @@ structure image's object with the appearance image's look, with no training:
 3. after each step, AdaIN (masked by self-segmentation) pulls the output's latent statistics towards the appearance.
 
 With default arguments the pipeline reproduces the authors' implementation; its quirks are kept and commented where
-they are reproduced.
+they are reproduced (the step schedule's in `cross_image_plan.py`).
 """
 
-import math
+import inspect
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.utils import BaseOutput, logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from .adain import adain, mask_supports_adain, masked_adain
-from .attention_processors import (
-    HIGHEST_RESOLUTION_LEVEL,
-    SECOND_RESOLUTION_LEVEL,
-    BatchLayout,
-    CrossImageAttentionController,
-    cross_image_attention,
+from .adain import adain_per_pair, usable_pair_masks
+from .attention_control import AttentionController, RowGroups
+from .attention_processors import controlled_attention
+from .cross_image_plan import (
+    CrossImageLayers,
+    cross_image_edits,
+    plan_denoising_steps,
+    row_groups_per_step,
+    segmentation_captures,
+    select_cross_image_layers,
 )
-from .freeu import reference_freeu
-from .inversion import (
-    InversionResult,
-    ddpm_coefficients,
-    ddpm_step,
-    draw_trajectory_noise,
-    extract_noise_map,
-    sample_noisy_trajectory,
+from .freeu import reference_freeu as reference_freeu_hooks
+from .inputs import (
+    ImageInput,
+    RangeInput,
+    as_image_list,
+    check_callback,
+    check_int,
+    check_output_type,
+    check_range,
+    check_scale,
+    check_size,
+    generators_per_item,
+    image_to_pixels,
+    mask_to_latent_grid,
+    per_item,
 )
-from .segmentation import noun_token_positions, self_segmentation_masks
+from .inversion import InversionResult, ddpm_coefficients, ddpm_step, invert_edit_friendly
+from .sd_glue import SDGlueMixin, vae_scale_factor_of
+from .segmentation import noun_token_positions, pair_segmentation_masks
 
 logger = logging.get_logger(__name__)
 
-ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
-RangeInput = tuple[int, int]
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Without a domain name the reference's prompt is "A photo of a object" (its domain defaults to this word).
+DEFAULT_DOMAIN = "object"
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -97,135 +107,85 @@ class CrossImageAttentionPipelineOutput(BaseOutput):
     structure_inversion: InversionResult | None = None
 
 
-def _check_range(value, name: str) -> RangeInput:
-    if isinstance(value, range):
-        value = (value.start, value.stop)
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"`{name}` must be a (start, end) pair of step indices, got {value!r}.")
-    start, end = value
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (start, end)):
-        raise TypeError(f"`{name}` must hold two integers, got {value!r}.")
-    if not 0 <= start <= end:
-        raise ValueError(f"`{name}` must satisfy 0 <= start <= end, got {value!r}.")
-    return int(start), int(end)
+@dataclass
+class TransferInputs:
+    """A call's arguments after [`CrossImageAttentionPipeline.check_inputs`]: checked, one entry per pair."""
+
+    num_pairs: int
+    num_inference_steps: int
+    skip_steps: int
+    swap_guidance_scale: float
+    contrast_strength: float
+    inversion_guidance_scale: float
+    cross_attn_32_range: RangeInput
+    cross_attn_64_range: RangeInput
+    adain_range: RangeInput
+    appearance_images: list | None
+    structure_images: list | None
+    prompts: list[str]
+    generators: list
+    pair_masks: list | None
+    noun_positions: list | None
+    layers: CrossImageLayers
+    callback_tensor_inputs: list[str]
+
+    @property
+    def segment(self) -> bool:
+        """Masks come from self-segmentation (masked AdaIN without given masks, with AdaIN steps to run)."""
+        return self.noun_positions is not None
 
 
-def _check_scale(value, name: str, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"`{name}` must be a finite number >= {minimum}, got {value}.")
-    return float(value)
+def check_steps(num_inference_steps, skip_steps) -> tuple[int, int]:
+    """`T >= 1` and `0 <= S < T`, as integers."""
+    num_inference_steps = check_int(num_inference_steps, "num_inference_steps", 1)
+    skip_steps = check_int(skip_steps, "skip_steps", 0)
+    if skip_steps >= num_inference_steps:
+        raise ValueError(f"`skip_steps` ({skip_steps}) must be smaller than `num_inference_steps`.")
+    return num_inference_steps, skip_steps
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
-
-
-def _per_pair(value, name: str, num_pairs: int, kinds=(str,)) -> list:
-    """Broadcast a value or a list of length 1 to ``num_pairs`` entries."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    for item in values:
-        if item is not None and not isinstance(item, kinds):
-            raise TypeError(f"`{name}` must be a {' or '.join(k.__name__ for k in kinds)} or a list of them.")
-    if len(values) == 1:
-        return values * num_pairs
-    if len(values) != num_pairs:
-        raise ValueError(f"`{name}` has {len(values)} entries but there are {num_pairs} image pairs.")
-    return values
-
-
-def _centre_crop_box(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int, int, int]:
-    """The largest centred box of the target aspect; offsets use integer division, as the reference does."""
-    if width * target_height > height * target_width:  # too wide
-        new_width = round(height * target_width / target_height)
-        left = (width - new_width) // 2
-        return left, 0, left + new_width, height
-    new_height = round(width * target_height / target_width)
-    top = (height - new_height) // 2
-    return 0, top, width, top + new_height
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What one denoising step does, by the reference's rules.
-
-    Args:
-        mixing_levels: Decoder levels where the output attends to another image's keys and values.
-        use_structure_kv: The keys and values come from the structure image instead of the appearance image.
-        guidance_scale: Appearance guidance scale of this step, or None when guidance is inactive.
-        adain: AdaIN is applied to the output after the step.
-        capture: The step's attention maps feed self-segmentation (masks are made after its DDPM update).
-    """
-
-    mixing_levels: frozenset
-    use_structure_kv: bool
-    guidance_scale: float | None
-    adain: bool
-    capture: bool
-
-
-def plan_denoising_steps(
-    num_steps: int,
-    cross_attn_64_range: RangeInput,
-    cross_attn_32_range: RangeInput,
-    adain_range: RangeInput,
-    swap_guidance_scale: float,
-    segment: bool,
-) -> list[StepPlan]:
-    """The reference's gates for each loop index ``i`` of the denoising loop."""
-    level_ranges = {HIGHEST_RESOLUTION_LEVEL: cross_attn_64_range, SECOND_RESOLUTION_LEVEL: cross_attn_32_range}
-    guidance_start = min(cross_attn_32_range[0], cross_attn_64_range[0])
-    guidance_end = max(cross_attn_32_range[1], cross_attn_64_range[1])
-    guidance_scales = np.linspace(swap_guidance_scale, max(swap_guidance_scale / 2, 1.0), num_steps)
-    plan = []
-    for i in range(num_steps):
-        # Quirk: the reference's attention gates read a step counter that is updated at the end of each step, so
-        # they lag one step behind the loop index (guidance and AdaIN use the index itself).
-        counter = max(i - 1, 0)
-        levels = frozenset(level for level, (start, end) in level_ranges.items() if start <= counter < end)
-        # Appearance guidance; the range test is inclusive at both ends, as in the reference. Where no layer mixes,
-        # the plain pass equals the cross-image pass and guidance is the identity, so it is not run.
-        guided = swap_guidance_scale > 1 and guidance_start <= i <= guidance_end and bool(levels)
-        plan.append(
-            StepPlan(
-                mixing_levels=levels,
-                # Every fifth step among the first forty the output takes the structure's keys and values.
-                use_structure_kv=counter % 5 == 0 and counter < 40,
-                guidance_scale=float(guidance_scales[i]) if guided else None,
-                adain=adain_range[0] <= i < adain_range[1],
-                capture=segment and i == adain_range[0],
-            )
+def check_transfer_settings(
+    swap_guidance_scale,
+    contrast_strength,
+    inversion_guidance_scale,
+    cross_attn_32_range,
+    cross_attn_64_range,
+    adain_range,
+) -> dict:
+    """The checks of [`CrossImageAttentionPipeline.__call__`] that need no model, shared with the front ends so that
+    they reject bad values before loading one. Returns the values checked and normalised, by argument name."""
+    settings = {
+        name: check_scale(value, name)
+        for name, value in (
+            ("swap_guidance_scale", swap_guidance_scale),
+            ("contrast_strength", contrast_strength),
+            ("inversion_guidance_scale", inversion_guidance_scale),
         )
-    return plan
+    }
+    for name, value in (
+        ("cross_attn_32_range", cross_attn_32_range),
+        ("cross_attn_64_range", cross_attn_64_range),
+        ("adain_range", adain_range),
+    ):
+        settings[name] = check_range(value, name)
+    return settings
 
 
-def structure_last_use(plan: list[StepPlan]) -> int:
-    """The last step whose UNet call needs the structure rows (-1 if none): while the output still equals the
-    structure and does not mix, it is read off the structure; structure keys/values and mask capture need them too.
-    """
-    last, out_is_structure = -1, True
-    for i, step in enumerate(plan):
-        if (out_is_structure and not step.mixing_levels) or step.capture:
-            last = i
-        if step.mixing_levels and step.use_structure_kv:
-            last = i
-        out_is_structure = out_is_structure and not (step.mixing_levels or step.adain)
-    return last
+def call_defaults() -> dict:
+    """The default of every keyword argument of [`CrossImageAttentionPipeline.__call__`] (the reference's values):
+    the one source the command line, batch runs, the demo and the benchmark read theirs from."""
+    parameters = inspect.signature(CrossImageAttentionPipeline.__call__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
-class CrossImageAttentionPipeline(DiffusionPipeline):
+class CrossImageAttentionPipeline(SDGlueMixin, DiffusionPipeline):
     r"""Zero-shot appearance transfer with cross-image attention on Stable Diffusion 1.x/2.x.
 
     This model inherits from [`DiffusionPipeline`]; see the superclass documentation for the generic methods
     (downloading, saving, running on a device, offloading).
 
     Args:
-        vae ([`AutoencoderKL`]): Variational autoencoder that encodes images to and decodes them from latents.
+        vae ([`AutoencoderKL`]): Variational autoencoder (any diffusers VAE class) to and from latents.
         text_encoder ([`~transformers.CLIPTextModel`]): Frozen text encoder.
         tokenizer ([`~transformers.CLIPTokenizer`]): Tokenizer of the text encoder.
         unet ([`UNet2DConditionModel`]): The denoising UNet (epsilon or v prediction).
@@ -265,125 +225,156 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.vae_scale_factor = vae_scale_factor_of(vae)
         # The reference resizes with Pillow's bicubic filter (its default for RGB), not diffusers' lanczos.
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, resample="bicubic")
         self.register_to_config(requires_safety_checker=requires_safety_checker)
         self._interrupt = False
+        self._num_timesteps = 0
 
     @property
     def interrupt(self) -> bool:
         return self._interrupt
 
     @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+    def num_timesteps(self) -> int:
+        """Denoising steps of the current (or last) call: `num_inference_steps - skip_steps`."""
+        return self._num_timesteps
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
     # ------------------------------------------------------------------------------------------------------------
 
-    def _check_schedule(self, num_inference_steps, skip_steps, height, width) -> tuple[int, int]:
-        """Validate the settings shared by inversion and transfer; returns the step counts as ints."""
-        for name, value in (("height", height), ("width", width)):
-            _check_int(value, name, self.size_multiple)
-            if value % self.size_multiple:
-                raise ValueError(f"`{name}` must be a multiple of {self.size_multiple}, got {value}.")
-        num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1)
-        skip_steps = _check_int(skip_steps, "skip_steps", 0)
-        if skip_steps >= num_inference_steps:
-            raise ValueError(f"`skip_steps` ({skip_steps}) must be smaller than `num_inference_steps`.")
+    def check_schedule(self, num_inference_steps, skip_steps, height, width) -> tuple[int, int]:
+        """Validate the settings shared by inversion and transfer, and the pipeline's model parts."""
+        if not isinstance(self.scheduler, DDIMScheduler):
+            raise ValueError(
+                f"`scheduler` is a {type(self.scheduler).__name__}; edit-friendly DDPM inversion needs DDIM's "
+                "timesteps: set `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`."
+            )
+        self.check_prediction_type()
+        check_size(height, width, self.size_multiple)
+        num_inference_steps, skip_steps = check_steps(num_inference_steps, skip_steps)
+        if num_inference_steps > self.scheduler.config.num_train_timesteps:
+            raise ValueError(
+                f"`num_inference_steps` must be at most {self.scheduler.config.num_train_timesteps} (the scheduler's "
+                f"training steps), got {num_inference_steps}."
+            )
         return num_inference_steps, skip_steps
 
     @staticmethod
-    def _as_list(images, name: str) -> list | None:
-        """Split an image argument into a list of single images (4-D arrays and tensors are batches)."""
-        if images is None:
-            return None
-        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-            images = list(images)
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not images:
-            raise ValueError(f"`{name}` is an empty list.")
-        return images
+    def default_prompts(prompt, domain_name, count: int) -> list[str]:
+        """The prompt per item: the given one, else the reference's ``"A photo of a {domain_name}"``."""
+        prompts = per_item(prompt, "prompt", count)
+        domains = per_item(domain_name, "domain_name", count)
+        return [p if p is not None else f"A photo of a {d or DEFAULT_DOMAIN}" for p, d in zip(prompts, domains)]
 
-    def _image_to_pixels(self, image: ImageInput, name: str, height: int, width: int) -> torch.Tensor:
-        """One image to a `[1, 3, height, width]` float32 tensor in [-1, 1]: centre crop to the target aspect, then
-        resize (Pillow bicubic for PIL images and uint8 arrays, as the reference), then ``2 x - 1``."""
-        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
-            if image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"`{name}` as a uint8 array must be [H, W, 3] RGB, got shape {image.shape}.")
-            image = PIL.Image.fromarray(image)
-        if isinstance(image, PIL.Image.Image):
-            if image.mode != "RGB":
+    def check_inputs(
+        self,
+        appearance_image,
+        structure_image,
+        domain_name,
+        prompt,
+        object_noun,
+        num_inference_steps,
+        skip_steps,
+        swap_guidance_scale,
+        contrast_strength,
+        cross_attn_32_range,
+        cross_attn_64_range,
+        adain_range,
+        use_masked_adain,
+        appearance_mask,
+        structure_mask,
+        appearance_inversion,
+        structure_inversion,
+        inversion_guidance_scale,
+        reference_freeu,
+        height,
+        width,
+        generator,
+        output_type,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> TransferInputs:
+        """Every check of [`__call__`], before any model runs; returns the arguments brought to one entry per pair.
+
+        Also checks the UNet's structure (the layers cross-image attention and self-segmentation need) and given
+        inversions against the call's settings.
+        """
+        num_inference_steps, skip_steps = self.check_schedule(num_inference_steps, skip_steps, height, width)
+        settings = check_transfer_settings(
+            swap_guidance_scale=swap_guidance_scale,
+            contrast_strength=contrast_strength,
+            inversion_guidance_scale=inversion_guidance_scale,
+            cross_attn_32_range=cross_attn_32_range,
+            cross_attn_64_range=cross_attn_64_range,
+            adain_range=adain_range,
+        )
+        for name, value in (("use_masked_adain", use_masked_adain), ("reference_freeu", reference_freeu)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+        check_output_type(output_type)
+        tensor_inputs = check_callback(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
+
+        appearance_images = as_image_list(appearance_image, "appearance_image")
+        structure_images = as_image_list(structure_image, "structure_image")
+        num_pairs = self._count_pairs(
+            ("appearance", appearance_images, appearance_inversion),
+            ("structure", structure_images, structure_inversion),
+        )
+        prompts = self.default_prompts(prompt, domain_name, num_pairs)
+        generators = generators_per_item(generator, num_pairs)
+        pair_masks = self._given_masks(appearance_mask, structure_mask, use_masked_adain, num_pairs, height, width)
+        num_steps = num_inference_steps - skip_steps
+        adain_start, adain_end = settings["adain_range"]
+        segment = use_masked_adain and pair_masks is None and adain_start < min(adain_end, num_steps)
+        layers = select_cross_image_layers(self.unet)
+        noun_positions = None
+        if segment:
+            if layers.capture_cross is None:
                 raise ValueError(
-                    f"`{name}` must be an RGB image, got mode {image.mode!r} (RGBA, grayscale and palette images are "
-                    "not accepted); convert it with `image.convert('RGB')`."
+                    "Self-segmentation needs a cross-attention layer at the decoder's second level, which this UNet "
+                    "lacks; pass `appearance_mask` and `structure_mask`, or `use_masked_adain=False`."
                 )
-            if min(image.size) < 1:
-                raise ValueError(f"`{name}` is empty ({image.size[0]}x{image.size[1]}).")
-            image = image.crop(_centre_crop_box(*image.size, width, height))
-            return self.image_processor.preprocess(image, height=height, width=width).float()
+            object_nouns = [
+                noun if noun is not None else domain
+                for noun, domain in zip(
+                    per_item(object_noun, "object_noun", num_pairs), per_item(domain_name, "domain_name", num_pairs)
+                )
+            ]
+            noun_positions = self._object_noun_positions(prompts, object_nouns)
 
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"`{name}` as a float array must be [H, W, 3] RGB, got shape {image.shape}.")
-            if not np.issubdtype(image.dtype, np.floating):
-                raise TypeError(f"`{name}` arrays must be uint8 or float in [0, 1], got dtype {image.dtype}.")
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        elif isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(f"`{name}` as a tensor must be [3, H, W] RGB, got shape {tuple(image.shape)}.")
-            if not image.is_floating_point():
-                raise TypeError(f"`{name}` tensors must be float in [0, 1], got dtype {image.dtype}.")
-        else:
-            raise TypeError(
-                f"`{name}` must be a PIL image, a numpy array, a torch tensor or a list of them, "
-                f"got {type(image).__name__}."
-            )
-        image = image.float().cpu()
-        if image.numel() == 0 or not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-            raise ValueError(f"`{name}` must be a non-empty float image with values in [0, 1].")
-        left, top, right, bottom = _centre_crop_box(image.shape[2], image.shape[1], width, height)
-        image = image[None, :, top:bottom, left:right]
-        if image.shape[-2:] != (height, width):
-            image = F.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-        return image.clamp(0, 1) * 2 - 1
-
-    def _mask_to_latent_grid(self, mask, name: str, height: int, width: int) -> torch.Tensor:
-        """A user mask (any size; nonzero = inside) to a `[h, w]` 0/1 float mask on the latent grid: centre crop to
-        the target aspect like the image, then nearest-neighbour resize."""
-        if isinstance(mask, PIL.Image.Image):
-            mask = np.array(mask.convert("L"))
-        if isinstance(mask, np.ndarray):
-            mask = torch.from_numpy(np.ascontiguousarray(mask))
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(
-                f"`{name}` must be a PIL image, a numpy array or a torch tensor, got {type(mask).__name__}."
-            )
-        if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
-            mask = mask.squeeze(0) if mask.shape[0] == 1 else mask.squeeze(-1)
-        if mask.ndim != 2 or mask.numel() == 0:
-            raise ValueError(f"`{name}` must be a 2-D [H, W] mask, got shape {tuple(mask.shape)}.")
-        left, top, right, bottom = _centre_crop_box(mask.shape[1], mask.shape[0], width, height)
-        mask = (mask[top:bottom, left:right] != 0).float().cpu()
-        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        return F.interpolate(mask[None, None], size=latent_size, mode="nearest")[0, 0]
-
-    def _generators_per_pair(self, generator, num_pairs: int) -> list:
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != num_pairs:
-                raise ValueError(f"`generator` is a list of {len(generator)} but there are {num_pairs} image pairs.")
-            if not all(isinstance(g, torch.Generator) for g in generator):
-                raise TypeError("`generator` list entries must be torch.Generator objects.")
-            return list(generator)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}."
-            )
-        # One generator (or the global RNG) draws for every image, one pair after the other.
-        return [generator] * num_pairs
+        made_with = {
+            "num_inference_steps": num_inference_steps,
+            "skip_steps": skip_steps,
+            "guidance_scale": settings["inversion_guidance_scale"],
+            "height": height,
+            "width": width,
+            "reference_freeu": reference_freeu,
+        }
+        for name, inversion in (
+            ("appearance_inversion", appearance_inversion),
+            ("structure_inversion", structure_inversion),
+        ):
+            if inversion is not None:
+                self._check_inversion(inversion, name, prompts, made_with)
+        return TransferInputs(
+            num_pairs=num_pairs,
+            num_inference_steps=num_inference_steps,
+            skip_steps=skip_steps,
+            **settings,
+            appearance_images=appearance_images,
+            structure_images=structure_images,
+            prompts=prompts,
+            generators=generators,
+            pair_masks=pair_masks,
+            noun_positions=noun_positions,
+            layers=layers,
+            callback_tensor_inputs=tensor_inputs,
+        )
 
     @staticmethod
     def _count_pairs(*branches) -> int:
@@ -402,24 +393,21 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         return max(counts)
 
     def _given_masks(self, appearance_mask, structure_mask, use_masked_adain, num_pairs, height, width):
-        """The user's masks per pair on the latent grid (see [`_usable_masks`]), or None when none were given."""
+        """The user's masks per pair on the latent grid (see [`usable_pair_masks`]), or None when none were given."""
         if (appearance_mask is None) != (structure_mask is None):
             raise ValueError("Pass both `appearance_mask` and `structure_mask`, or neither.")
         if appearance_mask is None:
             return None
         if not use_masked_adain:
             raise ValueError("Masks are only used by masked AdaIN; set `use_masked_adain=True` or drop the masks.")
-        app_masks = _per_pair(appearance_mask, "appearance_mask", num_pairs, (object,))
-        struct_masks = _per_pair(structure_mask, "structure_mask", num_pairs, (object,))
-        return self._usable_masks(
-            [
-                (
-                    self._mask_to_latent_grid(app_mask, "appearance_mask", height, width),
-                    self._mask_to_latent_grid(struct_mask, "structure_mask", height, width),
-                )
-                for app_mask, struct_mask in zip(app_masks, struct_masks)
+        masks = {
+            name: [
+                mask_to_latent_grid(mask, name, height, width, self.vae_scale_factor)
+                for mask in per_item(given, name, num_pairs, (object,))
             ]
-        )
+            for name, given in (("appearance_mask", appearance_mask), ("structure_mask", structure_mask))
+        }
+        return usable_pair_masks(list(zip(masks["appearance_mask"], masks["structure_mask"])))
 
     def _object_noun_positions(self, prompts: list[str], object_nouns: list) -> list:
         """Token positions of each pair's object noun in its prompt (self-segmentation scores clusters with them)."""
@@ -434,23 +422,9 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
                 raise ValueError(f"`object_noun` {n!r} does not occur in the prompt {p!r}.")
         return positions
 
-    def _check_inversion(
-        self, inversion, name, timesteps, prompts, num_inference_steps, skip_steps, guidance, height, width
-    ):
+    def _check_inversion(self, inversion: InversionResult, name: str, prompts: list[str], settings: dict) -> None:
         """Refuse an inversion made with other settings than the call's (those it records, and its shapes)."""
-        latent_shape = (
-            self.unet.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
-        expected = {
-            "num_inference_steps": num_inference_steps,
-            "skip_steps": skip_steps,
-            "guidance_scale": guidance,
-            "height": height,
-            "width": width,
-        }
-        for key, value in expected.items():
+        for key, value in settings.items():
             stored = getattr(inversion, key)
             if stored is not None and stored != value:
                 raise ValueError(
@@ -464,123 +438,62 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
                 f"`{name}` was made with prompt={inversion.prompt!r} but this call uses prompt={mismatched[0]!r}; "
                 "pass the same `prompt` / `domain_name` as for the inversion."
             )
+        height, width = settings["height"], settings["width"]
+        latent_shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if tuple(inversion.latents.shape[1:]) != latent_shape:
             raise ValueError(
                 f"`{name}` has latents of shape {tuple(inversion.latents.shape[1:])}, but a {height}x{width} call "
                 f"needs {latent_shape}."
             )
-        if not torch.equal(inversion.timesteps.cpu().long(), timesteps.cpu().long()):
+        self.scheduler.set_timesteps(settings["num_inference_steps"])
+        if not torch.equal(inversion.timesteps.cpu().long(), self.scheduler.timesteps[settings["skip_steps"] :]):
             raise ValueError(
-                f"`{name}` holds noise maps for other timesteps than num_inference_steps={num_inference_steps}, "
-                f"skip_steps={skip_steps} give; invert again with the call's settings."
+                f"`{name}` holds noise maps for other timesteps than num_inference_steps="
+                f"{settings['num_inference_steps']}, skip_steps={settings['skip_steps']} give; invert again with the "
+                "call's settings."
             )
+        if not (torch.isfinite(inversion.latents).all() and torch.isfinite(inversion.noise).all()):
+            raise ValueError(f"`{name}` holds non-finite values (NaN or infinity); invert the image again.")
 
     # ------------------------------------------------------------------------------------------------------------
     # Building blocks
     # ------------------------------------------------------------------------------------------------------------
 
-    def _encode_text(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """CLIP last hidden states, padded to the tokenizer's maximum length, without attention mask (as SD)."""
-        input_ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(input_ids.to(device))[0]
-
-    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE posterior **mode** (not a sample) times the scaling factor, in float32."""
-        pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)
-        latents = torch.cat([self.vae.encode(p[None]).latent_dist.mode() for p in pixels])
-        return latents.float() * self.vae.config.scaling_factor
-
-    def _predict_noise(self, latents: torch.Tensor, timestep, embeddings: torch.Tensor) -> torch.Tensor:
-        """The UNet's noise prediction in float32 (v-prediction models are converted to epsilon)."""
-        output = self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=embeddings, return_dict=False)[
-            0
-        ].float()
-        if self.scheduler.config.prediction_type == "v_prediction":
-            alpha_prod_t = self.scheduler.alphas_cumprod[int(timestep)]
-            output = alpha_prod_t**0.5 * output + (1 - alpha_prod_t) ** 0.5 * latents
-        elif self.scheduler.config.prediction_type != "epsilon":
-            raise ValueError(f"Unsupported prediction_type {self.scheduler.config.prediction_type!r}.")
-        return output
-
-    def _invert_latents(
-        self,
-        clean_latents: torch.Tensor,
-        conditional: torch.Tensor,
-        unconditional: torch.Tensor,
-        all_timesteps: torch.Tensor,
-        skip_steps: int,
-        guidance_scale: float,
-        generators: list,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Edit-friendly DDPM inversion of a batch of latents.
-
-        Args:
-            clean_latents: `[K, C, h, w]` encoded images.
-            conditional, unconditional: `[K, 77, D]` prompt and empty-prompt embeddings.
-            all_timesteps: The full `T`-step schedule, noisiest first.
-            skip_steps: `S`; only `x[S]` and `z[S:]` are returned.
-            generators: One entry per image; images sharing a generator draw one after the other.
-
-        Returns:
-            `(latents [K, C, h, w], noise [K, T - S, C, h, w])`.
-        """
-        num_steps = len(all_timesteps)
-        latent_shape = tuple(clean_latents.shape[1:])
-        trajectories = []
-        for image, generator in enumerate(generators):
-            # Quirk kept for seed compatibility: the reference draws one noise per timestep for all T steps, least
-            # noisy first, image after image, even for the steps it later skips.
-            def draw(generator=generator):
-                return draw_trajectory_noise(latent_shape, generator, clean_latents.device)
-
-            trajectories.append(
-                sample_noisy_trajectory(clean_latents[image : image + 1], self.scheduler, all_timesteps, draw)
-            )
-
-        # Each noise map depends only on the sampled x[k], x[k+1] and the prediction at x[k], so only the steps that
-        # denoising uses are computed: k >= S, and k = S - 1 whose re-computed x[S] (mu + sigma z, equal to the
-        # sample up to rounding) is where the reference starts. z[T-1] is zeroed by the reference, so its UNet call
-        # is skipped too.
-        first_step = max(skip_steps - 1, 0)
-        noise_maps = torch.zeros((len(generators), num_steps - skip_steps) + tuple(clean_latents.shape[1:]))
-        noise_maps = noise_maps.to(clean_latents.device)
-        start_latents = torch.cat([trajectory[skip_steps] for trajectory in trajectories])
-        embeddings = torch.cat([unconditional, conditional])
-        with self.progress_bar(total=num_steps - 1 - first_step) as progress_bar:
-            for k in range(num_steps - 2, first_step - 1, -1):  # from the least noisy step to the noisiest
-                t = all_timesteps[k]
-                sample = torch.cat([trajectory[k] for trajectory in trajectories])
-                less_noisy = torch.cat([trajectory[k + 1] for trajectory in trajectories])
-                eps_uncond, eps_cond = self._predict_noise(torch.cat([sample, sample]), t, embeddings).chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                noise, recomputed = extract_noise_map(sample, less_noisy, eps, ddpm_coefficients(self.scheduler, t))
-                if k >= skip_steps:
-                    noise_maps[:, k - skip_steps] = noise
-                if k + 1 == skip_steps:
-                    start_latents = recomputed
-                progress_bar.update()
-        return start_latents, noise_maps
-
     def _invert_images(
-        self, images, names, prompts, generators, num_inference_steps, skip_steps, guidance_scale, height, width
+        self,
+        images,
+        names,
+        prompts,
+        generators,
+        num_inference_steps,
+        skip_steps,
+        guidance_scale,
+        height,
+        width,
+        use_reference_freeu,
     ) -> InversionResult:
         """Preprocess, encode and invert images (batched in each UNet call); ``names`` label errors per image."""
         device = self._execution_device
-        pixels = torch.cat([self._image_to_pixels(im, name, height, width) for im, name in zip(images, names)])
-        clean_latents = self._encode_images(pixels)
+        pixels = torch.cat(
+            [image_to_pixels(im, name, height, width, self.image_processor) for im, name in zip(images, names)]
+        )
+        clean_latents = self.encode_images(pixels)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         all_timesteps = self.scheduler.timesteps
-        conditional = self._encode_text(prompts, device)
-        unconditional = self._encode_text([""], device).expand_as(conditional)
-        with reference_freeu(self.unet):
-            latents, noise = self._invert_latents(
-                clean_latents, conditional, unconditional, all_timesteps, skip_steps, guidance_scale, generators
+        conditional = self.encode_text(prompts, device)
+        unconditional = self.encode_text([""], device).expand_as(conditional)
+        with reference_freeu_hooks(self.unet) if use_reference_freeu else nullcontext():
+            latents, noise = invert_edit_friendly(
+                self.predict_noise,
+                self.scheduler,
+                clean_latents,
+                conditional,
+                unconditional,
+                all_timesteps,
+                skip_steps,
+                guidance_scale,
+                generators,
+                self.progress_bar,
             )
         return InversionResult(
             latents=latents,
@@ -592,49 +505,8 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
             guidance_scale=guidance_scale,
             height=height,
             width=width,
+            reference_freeu=use_reference_freeu,
         )
-
-    def _segment(self, captured: dict[str, torch.Tensor], noun_positions, latent_grid, num_pairs) -> list:
-        """Self-segmentation masks: for each pair, the `[h, w]` masks of the appearance and the structure image."""
-        if "cross" not in captured:
-            raise ValueError("Self-segmentation needs a cross-attention layer at the decoder's second level.")
-        tokens = captured["self"].shape[-1]
-        factor = math.sqrt(latent_grid[0] * latent_grid[1] / tokens)
-        grid = (round(latent_grid[0] / factor), round(latent_grid[1] / factor))
-        pair_masks = []
-        for pair in range(num_pairs):
-            rows = [pair, num_pairs + pair]
-            masks = self_segmentation_masks(
-                captured["self"][rows], captured["cross"][rows], noun_positions[pair], grid
-            )
-            if grid != tuple(latent_grid):
-                masks = F.interpolate(masks[:, None], size=latent_grid, mode="nearest")[:, 0]
-            pair_masks.append((masks[0], masks[1]))
-        return pair_masks
-
-    @staticmethod
-    def _apply_adain(out_latents, app_latents, pair_masks: list | None) -> torch.Tensor:
-        """AdaIN of every output latent towards its appearance latent, masked for pairs that have usable masks."""
-        results = []
-        for pair, (content, style) in enumerate(zip(out_latents, app_latents)):
-            masks = pair_masks[pair] if pair_masks is not None else None
-            if masks is None:
-                results.append(adain(content, style))
-            else:
-                app_mask, struct_mask = (m.to(content.device) for m in masks)
-                results.append(masked_adain(content, style, struct_mask, app_mask))
-        return torch.stack(results)
-
-    def run_safety_checker(self, image: torch.Tensor, device, dtype) -> torch.Tensor:
-        """Black out images the safety checker flags (as `StableDiffusionPipeline` does); no-op without one."""
-        if self.safety_checker is None:
-            return image
-        features = self.image_processor.postprocess(image, output_type="pil")
-        checker_input = self.feature_extractor(features, return_tensors="pt").to(device)
-        image, has_nsfw = self.safety_checker(images=image, clip_input=checker_input.pixel_values.to(dtype))
-        if any(has_nsfw):
-            logger.warning("The safety checker flagged some outputs; they were replaced by black images.")
-        return image
 
     # ------------------------------------------------------------------------------------------------------------
     # Public API
@@ -652,13 +524,15 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         height: int = 512,
         width: int = 512,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        reference_freeu: bool = True,
     ) -> InversionResult:
-        """Invert images with edit-friendly DDPM inversion (the reference's FreeU is active in every UNet call).
+        """Invert images with edit-friendly DDPM inversion.
 
         Args:
             image: A PIL image (RGB), a numpy array (`[H, W, 3]`, uint8 or float in [0, 1]), a tensor (`[3, H, W]` in
                 [0, 1]), or a list of them. Images are centre-cropped to the target aspect and resized.
-            prompt: The inversion prompt; defaults to ``"A photo of a {domain_name}"``, or ``""`` without a domain.
+            prompt: The inversion prompt; defaults to ``"A photo of a {domain_name}"`` (domain ``"object"`` when
+                omitted, as the reference).
             domain_name: The object class, e.g. ``"animal"``.
             num_inference_steps: Length `T` of the DDIM timestep schedule.
             skip_steps: `S`, the noisiest steps that are skipped; the result holds `T - S` noise maps.
@@ -667,19 +541,24 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
             generator: A `torch.Generator` drawing for all images in order, or one per image. The random draws follow
                 the reference, so `torch.Generator().manual_seed(seed)` matches its `torch.manual_seed(seed)`.
 
+            reference_freeu: Apply the reference's FreeU variant in every UNet call (the authors' behaviour).
+
         Returns:
             [`InversionResult`] with the latents where denoising starts, the noise maps and the timesteps.
         """
-        images = self._as_list(image, "image")
-        num_images = len(images)
-        num_inference_steps, skip_steps = self._check_schedule(num_inference_steps, skip_steps, height, width)
-        guidance_scale = _check_scale(guidance_scale, "guidance_scale")
-        prompts = self._prompts(prompt, domain_name, num_images)
-        generators = self._generators_per_pair(generator, num_images)
+        images = as_image_list(image, "image")
+        if images is None:
+            raise TypeError("`image` must be an image or a list of images, got None.")
+        num_inference_steps, skip_steps = self.check_schedule(num_inference_steps, skip_steps, height, width)
+        guidance_scale = check_scale(guidance_scale, "guidance_scale")
+        if not isinstance(reference_freeu, bool):
+            raise TypeError(f"`reference_freeu` must be True or False, got {reference_freeu!r}.")
+        prompts = self.default_prompts(prompt, domain_name, len(images))
+        generators = generators_per_item(generator, len(images))
 
         inversion = self._invert_images(
             images,
-            ["image"] * num_images,
+            ["image"] * len(images),
             prompts,
             generators,
             num_inference_steps,
@@ -687,18 +566,10 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
             guidance_scale,
             height,
             width,
+            reference_freeu,
         )
         self.maybe_free_model_hooks()
         return inversion
-
-    @staticmethod
-    def _prompts(prompt, domain_name, count: int) -> list[str]:
-        prompts = _per_pair(prompt, "prompt", count)
-        domains = _per_pair(domain_name, "domain_name", count)
-        # The reference's default prompt; without a domain name the prompt is empty (unconditional).
-        return [
-            p if p is not None else (f"A photo of a {d}" if d is not None else "") for p, d in zip(prompts, domains)
-        ]
 
     @torch.no_grad()
     def __call__(
@@ -722,6 +593,7 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         appearance_inversion: InversionResult | None = None,
         structure_inversion: InversionResult | None = None,
         inversion_guidance_scale: float = 3.5,
+        reference_freeu: bool = True,
         height: int = 512,
         width: int = 512,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -739,15 +611,16 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
                 image against a list is used for every pair. May be omitted when `appearance_inversion` is given.
             structure_image: The image whose layout and shape are kept; same forms as `appearance_image`.
             domain_name: The objects' class (e.g. ``"animal"``); sets the default prompt ``"A photo of a
-                {domain_name}"`` and the default `object_noun`. Required by `use_masked_adain` without masks.
+                {domain_name}"`` (``"object"`` when omitted, as the reference) and the default `object_noun`.
+                Required by `use_masked_adain` without masks.
             prompt: Overrides the default prompt (for inversion and denoising).
             object_noun: The word of the prompt that names the object (self-segmentation); defaults to `domain_name`.
             num_inference_steps: Length `T` of the DDIM schedule.
             skip_steps: `S`: denoising runs the last `T - S` steps, from the inverted latents at step `S`.
-            swap_guidance_scale: Appearance guidance: the output's noise is extrapolated from a plain pass towards the
-                cross-image pass with a scale decaying linearly from this value to `max(value / 2, 1)`; `<= 1`
-                disables it.
-            contrast_strength: Contrast of the output's attention maps in mixing layers (1 = no contrast).
+            swap_guidance_scale: Appearance guidance: the output's noise is extrapolated from a plain pass (no
+                cross-image attention) towards the cross-image pass with a scale decaying linearly from this value
+                to `max(value / 2, 1)`; `<= 1` disables it.
+            contrast_strength: Contrast of the output's attention maps in cross-image attention (1 = no contrast).
             cross_attn_32_range: `(start, end)` denoising steps with cross-image attention in the decoder's second
                 highest-resolution level (32x32 tokens for SD 1.5 at 512 px).
             cross_attn_64_range: `(start, end)` for the decoder's highest-resolution level (64x64 tokens).
@@ -759,6 +632,8 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
                 [`~CrossImageAttentionPipeline.invert`] made with this call's steps, skip, guidance and size; the
                 corresponding image is then not inverted.
             inversion_guidance_scale: Classifier-free guidance scale of the inversion.
+            reference_freeu: Apply the reference's FreeU variant in every UNet call (inversion and denoising), as
+                the authors' code does; False runs the plain UNet. Given inversions must have been made alike.
             height, width: Output size in pixels, multiples of 64.
             generator: A `torch.Generator`, or one per pair so that each pair's result equals its result alone.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
@@ -774,84 +649,38 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         Returns:
             [`CrossImageAttentionPipelineOutput`] or `tuple` in the same order.
         """
-        # 1. Check the arguments; bring every per-pair argument to one entry per pair
-        num_inference_steps, skip_steps = self._check_schedule(num_inference_steps, skip_steps, height, width)
-        swap_guidance_scale = _check_scale(swap_guidance_scale, "swap_guidance_scale")
-        contrast_strength = _check_scale(contrast_strength, "contrast_strength")
-        inversion_guidance_scale = _check_scale(inversion_guidance_scale, "inversion_guidance_scale")
-        cross_attn_32_range = _check_range(cross_attn_32_range, "cross_attn_32_range")
-        cross_attn_64_range = _check_range(cross_attn_64_range, "cross_attn_64_range")
-        adain_range = _check_range(adain_range, "adain_range")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` may only hold {self._callback_tensor_inputs}.")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError("`callback_on_step_end` must be callable.")
-
-        appearance_images = self._as_list(appearance_image, "appearance_image")
-        structure_images = self._as_list(structure_image, "structure_image")
-        num_pairs = self._count_pairs(
-            ("appearance", appearance_images, appearance_inversion),
-            ("structure", structure_images, structure_inversion),
-        )
-        prompts = self._prompts(prompt, domain_name, num_pairs)
-        domains = _per_pair(domain_name, "domain_name", num_pairs)
-        object_nouns = [
-            noun if noun is not None else domain
-            for noun, domain in zip(_per_pair(object_noun, "object_noun", num_pairs), domains)
-        ]
-        generators = self._generators_per_pair(generator, num_pairs)
-
-        # Per pair: (appearance mask, structure mask) on the latent grid, or None for plain AdaIN.
-        pair_masks = self._given_masks(appearance_mask, structure_mask, use_masked_adain, num_pairs, height, width)
-        # Masks come from self-segmentation when masked AdaIN is on, no masks were given and AdaIN runs at all.
-        num_steps = num_inference_steps - skip_steps
-        segment = use_masked_adain and pair_masks is None and adain_range[0] < min(adain_range[1], num_steps)
-        noun_positions = self._object_noun_positions(prompts, object_nouns) if segment else None
-
-        device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        all_timesteps = self.scheduler.timesteps
-        timesteps = all_timesteps[skip_steps:]
-        for name, inversion in (
-            ("appearance_inversion", appearance_inversion),
-            ("structure_inversion", structure_inversion),
-        ):
-            if inversion is not None:
-                self._check_inversion(
-                    inversion,
-                    name,
-                    timesteps,
-                    prompts,
-                    num_inference_steps,
-                    skip_steps,
-                    inversion_guidance_scale,
-                    height,
-                    width,
-                )
+        # 1. Check every argument, the UNet's structure and given inversions, before any model runs
+        args = self.check_inputs(
+            appearance_image, structure_image, domain_name, prompt, object_noun, num_inference_steps, skip_steps,
+            swap_guidance_scale, contrast_strength, cross_attn_32_range, cross_attn_64_range, adain_range,
+            use_masked_adain, appearance_mask, structure_mask, appearance_inversion, structure_inversion,
+            inversion_guidance_scale, reference_freeu, height, width, generator, output_type, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        if not isinstance(return_reconstructions, bool):
+            raise TypeError(f"`return_reconstructions` must be True or False, got {return_reconstructions!r}.")
+        num_pairs, device = args.num_pairs, self._execution_device
 
         # 2. Invert the images that came without an inversion, pair after pair, appearance before structure (the
         #    reference's draw order), all of them batched in each UNet call
-        to_invert = []  # (branch, pair, image)
-        for pair in range(num_pairs):
-            for branch, images in (("appearance", appearance_images), ("structure", structure_images)):
-                if images is not None:
-                    to_invert.append((branch, pair, images[pair % len(images)]))
+        to_invert = [  # (branch, pair, image)
+            (branch, pair, images[pair % len(images)])
+            for pair in range(num_pairs)
+            for branch, images in (("appearance", args.appearance_images), ("structure", args.structure_images))
+            if images is not None
+        ]
         if to_invert:
             computed = self._invert_images(
                 [image for _, _, image in to_invert],
                 [f"{branch}_image" for branch, _, _ in to_invert],
-                [prompts[pair] for _, pair, _ in to_invert],
-                [generators[pair] for _, pair, _ in to_invert],
-                num_inference_steps,
-                skip_steps,
-                inversion_guidance_scale,
+                [args.prompts[pair] for _, pair, _ in to_invert],
+                [args.generators[pair] for _, pair, _ in to_invert],
+                args.num_inference_steps,
+                args.skip_steps,
+                args.inversion_guidance_scale,
                 height,
                 width,
+                reference_freeu,
             )
         inversions = {}
         for branch, given in (("appearance", appearance_inversion), ("structure", structure_inversion)):
@@ -860,89 +689,84 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
             elif given.batch_size != num_pairs:
                 given = given.select([0] * num_pairs)
             inversions[branch] = given.to(device=device, dtype=torch.float32)
-        app_inv, struct_inv = inversions["appearance"], inversions["structure"]
 
-        # 3. Prepare the branches. Quirk: the output starts from the structure image's inverted latent and uses the
-        #    structure image's noise maps. All branches use the conditional prompt only (no classifier-free
+        # 3. Encode the prompt and plan the steps. All branches use the conditional prompt only (no classifier-free
         #    guidance while denoising), as the reference.
-        conditional = self._encode_text(prompts, device)
-        app_latents, struct_latents = app_inv.latents, struct_inv.latents
-        out_latents = struct_latents
+        conditional = self.encode_text(args.prompts, device)
+        self.scheduler.set_timesteps(args.num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps[args.skip_steps :]
+        self._num_timesteps = len(timesteps)
         plan = plan_denoising_steps(
-            num_steps, cross_attn_64_range, cross_attn_32_range, adain_range, swap_guidance_scale, segment
+            len(timesteps),
+            args.cross_attn_64_range,
+            args.cross_attn_32_range,
+            args.adain_range,
+            args.swap_guidance_scale,
+            args.segment,
         )
-        # A callback sees the whole [OUT, APP, STRUCT] batch at every step, so then every branch is computed.
-        full_batch = callback_on_step_end is not None
-        structure_until = num_steps - 1 if full_batch or return_reconstructions else structure_last_use(plan)
-        # OUT equals STRUCT until the first step that mixes or applies AdaIN: until then it is not computed twice.
-        out_is_structure = not full_batch
-        controller = CrossImageAttentionController(num_pairs=num_pairs, contrast_strength=contrast_strength)
-        latent_grid = tuple(app_latents.shape[-2:])
+        # A callback sees (and reconstructions need) every branch at every step; otherwise each call holds only the
+        # rows its step needs.
+        groups_per_step = row_groups_per_step(
+            plan, every_branch=callback_on_step_end is not None or return_reconstructions
+        )
+        # Quirk: the output starts from the structure image's inverted latent and uses its noise maps.
+        latents = {branch: inversions[branch].latents for branch in ("appearance", "structure")}
+        latents["out"] = latents["structure"]
+        noise = {"appearance": inversions["appearance"].noise, "structure": inversions["structure"].noise}
+        noise["out"] = noise["structure"]
+        pair_masks = args.pair_masks
+        controller = AttentionController()
 
-        # 4. Denoise: one UNet call per step holding only the rows the step needs
+        # 4. Denoise: one UNet call per step, with cross-image attention as planned
         self._interrupt = False
-        with cross_image_attention(self.unet, controller, device), reference_freeu(self.unet):
-            with self.progress_bar(total=num_steps) as progress_bar:
-                for i, (t, step) in enumerate(zip(timesteps, plan)):
-                    if self.interrupt:
-                        continue
-                    layout = BatchLayout(
-                        num_pairs,
-                        out=not out_is_structure or bool(step.mixing_levels),
-                        out_plain=step.guidance_scale is not None,
-                        structure=i <= structure_until,
-                    )
-                    controller.layout = layout
-                    controller.mixing_levels = step.mixing_levels
-                    controller.use_structure_kv = step.use_structure_kv
-                    controller.capture = step.capture
-                    rows = {
-                        "out": out_latents,
-                        "out_plain": out_latents,
-                        "appearance": app_latents,
-                        "structure": struct_latents,
-                    }
-                    noise_pred = self._predict_noise(
-                        torch.cat([rows[group] for group in layout.groups]),
-                        t,
-                        conditional.repeat(len(layout.groups), 1, 1),
-                    )
-                    eps = {group: noise_pred[layout.rows(group)] for group in layout.groups}
+        freeu = reference_freeu_hooks(self.unet) if reference_freeu else nullcontext()
+        with controlled_attention(self.unet, controller, args.layers.names, device), freeu:
+            for i, (t, step, groups) in enumerate(self.progress_bar(list(zip(timesteps, plan, groups_per_step)))):
+                if self.interrupt:
+                    continue
+                rows = RowGroups.of(*((group, num_pairs) for group in groups))
+                controller.begin_step(
+                    rows,
+                    cross_image_edits(step, args.layers, groups, args.contrast_strength),
+                    segmentation_captures(step, args.layers),
+                )
+                batch = rows.stack({**latents, "out_plain": latents["out"]})
+                eps = rows.split(self.predict_noise(batch, t, conditional.repeat(len(groups), 1, 1)))
+                if "out_plain" in eps:
+                    # Appearance guidance: extrapolate from the plain pass towards the cross-image pass.
+                    eps["out"] = eps["out_plain"] + step.guidance_scale * (eps["out"] - eps["out_plain"])
 
-                    coeffs = ddpm_coefficients(self.scheduler, t)
-                    app_latents = ddpm_step(app_latents, eps["appearance"], app_inv.noise[:, i], coeffs)
-                    if layout.structure:
-                        struct_latents = ddpm_step(struct_latents, eps["structure"], struct_inv.noise[:, i], coeffs)
-                    if layout.out:
-                        out_eps = eps["out"]
-                        if layout.out_plain:
-                            # Appearance guidance: extrapolate from the plain pass towards the cross-image pass.
-                            out_eps = eps["out_plain"] + step.guidance_scale * (eps["out"] - eps["out_plain"])
-                        out_latents = ddpm_step(out_latents, out_eps, struct_inv.noise[:, i], coeffs)
-                        out_is_structure = False
-                    else:
-                        out_latents = struct_latents
-
-                    if step.capture:
-                        # Masks from the attention captured during this step's UNet call, made before its AdaIN.
-                        pair_masks = self._usable_masks(
-                            self._segment(controller.captured, noun_positions, latent_grid, num_pairs)
+                coeffs = ddpm_coefficients(self.scheduler, t)
+                for branch in ("appearance", "structure", "out"):
+                    if branch in eps:
+                        latents[branch] = ddpm_step(latents[branch], eps[branch], noise[branch][:, i], coeffs)
+                if "out" not in eps:  # the output still equals the structure
+                    latents["out"] = latents["structure"]
+                if step.capture:
+                    # Masks from the attention captured during this step's UNet call, made before its AdaIN.
+                    pair_masks = usable_pair_masks(
+                        pair_segmentation_masks(
+                            controller.captured_maps(), args.noun_positions, latents["out"].shape[-2:], num_pairs
                         )
-                        controller.captured.clear()
-                    if step.adain:
-                        out_latents = self._apply_adain(out_latents, app_latents, pair_masks)
-                        out_is_structure = False
+                    )
+                if step.adain:
+                    latents["out"] = adain_per_pair(latents["out"], latents["appearance"], pair_masks)
 
-                    if callback_on_step_end is not None:
-                        step_tensors = {"latents": torch.cat([out_latents, app_latents, struct_latents])}
-                        callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
-                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                        latents = callback_outputs.pop("latents", step_tensors["latents"])
-                        out_latents, app_latents, struct_latents = latents.split(num_pairs)
-                    progress_bar.update()
+                if callback_on_step_end is not None:
+                    step_tensors = {"latents": torch.cat([latents[b] for b in ("out", "appearance", "structure")])}
+                    callback_kwargs = {name: step_tensors[name] for name in args.callback_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    returned = callback_outputs.get("latents", step_tensors["latents"])
+                    latents["out"], latents["appearance"], latents["structure"] = returned.split(num_pairs)
 
-        # 5. Decode
-        decoded = torch.cat([out_latents, app_latents, struct_latents]) if return_reconstructions else out_latents
+        # 5. Decode (the safety checker sees the transfers only)
+        branches = ("out", "appearance", "structure") if return_reconstructions else ("out",)
+        decoded = torch.cat([latents[b] for b in branches])
+        if not torch.isfinite(decoded).all():
+            raise ValueError(
+                "The denoised latents are not finite; the scales (`swap_guidance_scale`, `contrast_strength`, "
+                "`inversion_guidance_scale`) are probably too large for this model."
+            )
         if output_type == "latent":
             images = decoded
         else:
@@ -958,23 +782,3 @@ class CrossImageAttentionPipeline(DiffusionPipeline):
         if not return_dict:
             return tuple(outputs)
         return CrossImageAttentionPipelineOutput(*outputs)
-
-    @staticmethod
-    def _usable_masks(pair_masks: list) -> list:
-        """Replace the masks of a pair by None (plain AdaIN) when one of them is (near-)empty.
-
-        The reference computes masked statistics regardless; with fewer than two pixels they are NaN and the whole
-        output turns black (its open "black image" issue). Falling back to plain AdaIN keeps the output finite.
-        """
-        usable = []
-        for pair, masks in enumerate(pair_masks):
-            if all(mask_supports_adain(mask) for mask in masks):
-                usable.append(masks)
-            else:
-                logger.warning(
-                    "An object mask of pair %d covers fewer than two latent pixels, so masked AdaIN would give NaN; "
-                    "plain AdaIN is used for this pair instead.",
-                    pair,
-                )
-                usable.append(None)
-        return usable

@@ -7,10 +7,12 @@ n_init=10)`` after seeding numpy with 1; a ``RandomState(1)`` shared by the appe
 reproduces the same random stream without touching numpy's global state.
 """
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 NUM_SEGMENTS = 5
@@ -110,3 +112,30 @@ def self_segmentation_masks(
         noun_maps = normalized_noun_maps(cross_attention[image].cpu().numpy(), noun_positions, grid, upscale)
         masks.append(np.isin(labels, object_clusters(labels, noun_maps)))
     return torch.from_numpy(np.stack(masks)).float()
+
+
+def pair_segmentation_masks(
+    captured: dict[str, torch.Tensor], noun_positions, latent_grid: tuple[int, int], num_pairs: int
+) -> list:
+    """Self-segmentation masks for every pair, on the latent grid.
+
+    Args:
+        captured: ``"self"``: `[2P, N, N]` and ``"cross"``: `[2P, N', tokens]` head-averaged maps of the appearance
+            rows, then the structure rows.
+        noun_positions: Per pair, the token positions of its object noun.
+        latent_grid: `(h, w)` of the latents; masks made at the attention level's grid are resized to it.
+
+    Returns:
+        Per pair, the `[h, w]` masks `(appearance, structure)`.
+    """
+    tokens = captured["self"].shape[-1]
+    factor = math.sqrt(latent_grid[0] * latent_grid[1] / tokens)
+    grid = (round(latent_grid[0] / factor), round(latent_grid[1] / factor))
+    pair_masks = []
+    for pair in range(num_pairs):
+        rows = [pair, num_pairs + pair]
+        masks = self_segmentation_masks(captured["self"][rows], captured["cross"][rows], noun_positions[pair], grid)
+        if grid != tuple(latent_grid):
+            masks = F.interpolate(masks[:, None], size=latent_grid, mode="nearest")[:, 0]
+        pair_masks.append((masks[0], masks[1]))
+    return pair_masks

@@ -1,23 +1,35 @@
-"""Unit tests of `attention_processors.py`: layer selection, contrasted attention, the processor and its context."""
+"""Tests of the attention-control layer: layer descriptions, row groups, the edits against a direct explicit-softmax
+computation (float64), the one processor, and installing/restoring it on UNets."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from tiny_models import TINY_SD
 
-from cross_image_attention.attention_processors import (
-    CrossImageAttentionController,
-    CrossImageAttnProcessor,
-    contrasted_attention,
-    cross_image_attention,
-    head_averaged_probabilities,
-    select_cross_image_layers,
+from cross_image_attention.attention_control import (
+    AttentionController,
+    AttentionMapInjection,
+    KeyValueInjection,
+    MapCapture,
+    RowGroups,
 )
+from cross_image_attention.attention_processors import (
+    ControlledAttnProcessor,
+    contrasted_attention,
+    controlled_attention,
+    head_averaged_probabilities,
+    list_attention_layers,
+)
+from cross_image_attention.cross_image_plan import select_cross_image_layers
+
+
+def _unet(**config):
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config).eval()
 
 
 def _sd15_shaped_unet(**overrides):
@@ -30,9 +42,31 @@ def _sd15_shaped_unet(**overrides):
         "layers_per_block": 2,
         "sample_size": 16,
     }
-    config.update(overrides)
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**config).eval()
+    return _unet(**{**config, **overrides})
+
+
+def _sd2_shaped_unet():
+    """SD 2's differences from SD 1.5: heads per level and linear projections."""
+    return _sd15_shaped_unet(attention_head_dim=(1, 2, 4, 4), use_linear_projection=True)
+
+
+def _sdxl_shaped_unet():
+    """SDXL's block structure and processor names (140 layers), tiny widths."""
+    return _unet(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        norm_num_groups=8,
+        attention_head_dim=(1, 2, 4),
+        transformer_layers_per_block=(1, 2, 10),
+        layers_per_block=2,
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        sample_size=16,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +83,8 @@ def tiny_unet():
     return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(TINY_SD / "unet")).eval()
 
 
-def _attn1(block, attention):
-    return f"up_blocks.{block}.attentions.{attention}.transformer_blocks.0.attn1.processor"
+def _attn1(block, attention, place="up"):
+    return f"{place}_blocks.{block}.attentions.{attention}.transformer_blocks.0.attn1.processor"
 
 
 def _attn2(block, attention):
@@ -58,7 +92,75 @@ def _attn2(block, attention):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layer selection
+# Layer descriptions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [_sd15_shaped_unet, _sd2_shaped_unet])
+def test_layers_of_sd_shaped_unets(build):
+    unet = build()
+    layers = list_attention_layers(unet)
+    assert len(layers) == 32 and {layer.name for layer in layers} == set(unet.attn_processors)
+    assert [layer.position for layer in layers] == list(range(32))
+    # Forward order: down blocks, then the mid block, then the up blocks; attn1 before attn2.
+    assert [layer.place for layer in layers] == ["down"] * 12 + ["mid"] * 2 + ["up"] * 18
+    assert [layer.is_self_attention for layer in layers] == [True, False] * 16
+    assert layers[0].name == _attn1(0, 0, "down") and layers[12].name.startswith("mid_block.")
+    by_name = {layer.name: layer for layer in layers}
+    # (downsampling, level, tokens at 512 px = 64x64 latents, tokens at 768 px = 96x96 latents)
+    expected = {
+        _attn1(0, 0, "down"): (1, 0, 4096, 9216),
+        _attn1(1, 1, "down"): (2, 1, 1024, 2304),
+        _attn1(2, 0, "down"): (4, 2, 256, 576),
+        "mid_block.attentions.0.transformer_blocks.0.attn1.processor": (8, 3, 64, 144),
+        _attn1(1, 2): (4, 2, 256, 576),
+        _attn1(2, 0): (2, 1, 1024, 2304),
+        _attn1(3, 2): (1, 0, 4096, 9216),
+    }
+    for name, (downsampling, level, tokens_512, tokens_768) in expected.items():
+        layer = by_name[name]
+        assert (layer.downsampling, layer.level) == (downsampling, level), name
+        assert layer.query_tokens(64, 64) == tokens_512 and layer.query_tokens(96, 96) == tokens_768, name
+    # Odd latent sides round up at every stride-2 downsampler (as the convolutions do).
+    assert by_name[_attn1(1, 0)].query_tokens(66, 62) == 17 * 16
+
+
+def test_layers_of_sdxl_shaped_unet_follow_the_reference_order():
+    unet = _sdxl_shaped_unet()
+    layers = list_attention_layers(unet)
+    assert len(layers) == 140 and {layer.name for layer in layers} == set(unet.attn_processors)
+    # The positions of VSP's fixed SDXL list: up_blocks.0.attentions.2 is 108..127, up_blocks.1 is 128..139.
+    assert {layer.position for layer in layers if layer.name.startswith("up_blocks.1.")} == set(range(128, 140))
+    assert {layer.position for layer in layers if layer.name.startswith("up_blocks.0.attentions.2.")} == set(
+        range(108, 128)
+    )
+    assert [layer.position for layer in layers if layer.place == "mid"] == list(range(48, 68))
+    up_1 = [layer for layer in layers if layer.name.startswith("up_blocks.1.")]
+    assert {(layer.downsampling, layer.level) for layer in up_1} == {(2, 0)}
+    assert up_1[0].query_tokens(128, 128) == 4096 and up_1[0].query_tokens(16, 16) == 64
+    # VSP's default selection: the decoder's highest-resolution level, self-attention only.
+    level = min(layer.level for layer in layers if layer.place == "up")
+    selected = [
+        layer.name for layer in layers if layer.place == "up" and layer.is_self_attention and layer.level == level
+    ]
+    assert selected == [
+        f"up_blocks.1.attentions.{a}.transformer_blocks.{b}.attn1.processor" for a in range(3) for b in range(2)
+    ]
+    # totoro's slice [108, 140) holds 16 self-attention layers: the last 16 decoder self-attention layers.
+    decoder_self = [layer for layer in layers if layer.place == "up" and layer.is_self_attention]
+    assert [layer.position for layer in decoder_self[-16:]] == list(range(108, 140, 2))
+
+
+def test_layers_never_follow_the_processor_dict_order(sd15_shaped_unet):
+    # diffusers lists up_blocks before mid_block; forward order puts the mid block first.
+    names = list(sd15_shaped_unet.attn_processors)
+    assert names.index("mid_block.attentions.0.transformer_blocks.0.attn1.processor") > names.index(_attn1(1, 0))
+    positions = {layer.name: layer.position for layer in list_attention_layers(sd15_shaped_unet)}
+    assert positions["mid_block.attentions.0.transformer_blocks.0.attn1.processor"] < positions[_attn1(1, 0)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cross-Image Attention's selection
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -66,19 +168,17 @@ def test_select_layers_on_sd15_structure(sd15_shaped_unet):
     layers = select_cross_image_layers(sd15_shaped_unet)
     expected = {_attn1(3, i): 0 for i in range(3)}
     expected.update({_attn1(2, i): 1 for i in range(3)})
-    assert layers.self_attention_levels == expected
-    assert layers.capture_self_attention == _attn1(3, 2)
-    assert layers.capture_cross_attention == _attn2(2, 2)
-    # The names are real processor names of the UNet.
-    processors = sd15_shaped_unet.attn_processors
-    assert set(expected) | {layers.capture_cross_attention} <= set(processors)
+    assert layers.levels == expected
+    assert layers.capture_self == _attn1(3, 2)
+    assert layers.capture_cross == _attn2(2, 2)
+    assert set(layers.names) == set(expected) | {_attn2(2, 2)}
 
 
 def test_select_layers_on_tiny_unet(tiny_unet):
     layers = select_cross_image_layers(tiny_unet)
-    assert layers.self_attention_levels == {_attn1(3, 0): 0, _attn1(3, 1): 0, _attn1(2, 0): 1, _attn1(2, 1): 1}
-    assert layers.capture_self_attention == _attn1(3, 1)
-    assert layers.capture_cross_attention == _attn2(2, 1)
+    assert layers.levels == {_attn1(3, 0): 0, _attn1(3, 1): 0, _attn1(2, 0): 1, _attn1(2, 1): 1}
+    assert layers.capture_self == _attn1(3, 1)
+    assert layers.capture_cross == _attn2(2, 1)
 
 
 def test_select_layers_skips_attention_free_high_resolution_blocks():
@@ -89,15 +189,61 @@ def test_select_layers_skips_attention_free_high_resolution_blocks():
         layers_per_block=1,
     )
     layers = select_cross_image_layers(unet)
-    assert layers.self_attention_levels == {_attn1(2, 0): 0, _attn1(2, 1): 0, _attn1(1, 0): 1, _attn1(1, 1): 1}
-    assert layers.capture_self_attention == _attn1(2, 1)
-    assert layers.capture_cross_attention == _attn2(1, 1)
+    assert layers.levels == {_attn1(2, 0): 0, _attn1(2, 1): 0, _attn1(1, 0): 1, _attn1(1, 1): 1}
+    assert layers.capture_self == _attn1(2, 1)
+    assert layers.capture_cross == _attn2(1, 1)
 
 
 def test_select_layers_without_decoder_attention_raises():
-    blocks = torch.nn.ModuleList([torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(2, 2, 1)])
-    with pytest.raises(ValueError, match="no attention"):
-        select_cross_image_layers(SimpleNamespace(up_blocks=blocks))
+    unet = _sd15_shaped_unet(
+        down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4, mid_block_type=None
+    )
+    with pytest.raises(ValueError, match="no self-attention"):
+        select_cross_image_layers(unet)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row groups and the controller
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_row_groups_rows_stack_and_split():
+    rows = RowGroups.of(("uncond/reference", 1), ("uncond/generated", 3), ("cond/reference", 1), ("cond/generated", 3))
+    assert rows.names == ["uncond/reference", "uncond/generated", "cond/reference", "cond/generated"]
+    assert rows.total == 8
+    assert rows.rows("uncond/generated") == slice(1, 4) and rows.rows("cond/reference") == slice(4, 5)
+    tensors = {
+        name: torch.full((rows.rows(name).stop - rows.rows(name).start, 2), float(i))
+        for i, name in enumerate(rows.names)
+    }
+    tensors["cond/generated"] = torch.full((1, 2), 9.0)  # one row repeated for the group
+    batch = rows.stack(tensors)
+    assert batch[:, 0].tolist() == [0, 1, 1, 1, 2, 9, 9, 9]
+    parts = rows.split(batch)
+    assert list(parts) == rows.names and parts["uncond/generated"].shape == (3, 2)
+    with pytest.raises(KeyError, match="No row group 'out'"):
+        rows.rows("out")
+    with pytest.raises(ValueError, match="unique"):
+        RowGroups.of(("a", 1), ("a", 2))
+    with pytest.raises(ValueError, match="at least one row"):
+        RowGroups.of(("a", 0))
+
+
+def test_controller_checks_edits_and_returns_captures_once():
+    rows = RowGroups.of(("source", 1), ("target", 2), ("other", 3))
+    controller = AttentionController()
+    controller.begin_step(
+        rows, {"layer": [AttentionMapInjection("target", "source")]}, {"layer": MapCapture("m", ("source",))}
+    )
+    with pytest.raises(ValueError, match="not in"):
+        controller.begin_step(rows, {"layer": [KeyValueInjection("target", "missing")]})
+    with pytest.raises(ValueError, match="one row or as many"):
+        controller.begin_step(rows, {"layer": [KeyValueInjection("target", "other")]})
+    with pytest.raises(ValueError, match="Capture on layer"):
+        controller.begin_step(rows, capture={"layer": MapCapture("m", ("nope",))})
+    controller.record("m", torch.ones(1))
+    assert list(controller.captured_maps()) == ["m"]
+    assert controller.captured_maps() == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,10 +334,11 @@ def test_head_averaged_probabilities():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The processor on a single Attention module
+# The processor on a single Attention module, against explicit float64 attention
 # ---------------------------------------------------------------------------------------------------------------
 
 HEADS, DIM_HEAD, QUERY_DIM, TOKENS = 2, 8, 16, 10
+LAYER = "layer"
 
 
 @pytest.fixture(scope="module")
@@ -214,180 +361,201 @@ def _run(attn, processor, hidden_states):
         attn.set_processor(previous)
 
 
-def _split(tensor):
-    batch, tokens, inner = tensor.shape
-    return tensor.view(batch, tokens, HEADS, inner // HEADS).transpose(1, 2)
+def _controlled(attn, hidden_states, rows, edits=(), capture=None, chunk=1024):
+    controller = AttentionController(query_chunk_size=chunk)
+    controller.begin_step(rows, {LAYER: list(edits)}, {LAYER: capture} if capture else {})
+    return _run(attn, ControlledAttnProcessor(controller, LAYER), hidden_states), controller
 
 
-def _expected_mixed_row(attn, hidden_states, out_row, donor_row, beta):
-    """Output row `out_row` attending, with contrast, to the keys and values of `donor_row`."""
+def _heads(attn, projection, rows):
     with torch.no_grad():
-        query = _split(attn.to_q(hidden_states[out_row : out_row + 1]))
-        key = _split(attn.to_k(hidden_states[donor_row : donor_row + 1]))
-        value = _split(attn.to_v(hidden_states[donor_row : donor_row + 1]))
-        mixed = _direct_contrast(query, key, value, beta).transpose(1, 2).reshape(1, TOKENS, HEADS * DIM_HEAD)
-        return attn.to_out[1](attn.to_out[0](mixed))
+        tensor = projection(rows).double()
+    return tensor.view(tensor.shape[0], TOKENS, HEADS, DIM_HEAD).transpose(1, 2)
 
 
-def test_processor_without_mixing_equals_default_processor(attention_module):
+def _explicit(attn, query_rows, key_rows, value_rows, contrast=1.0):
+    """Explicit float64 ``softmax(Q K^T / sqrt(d))``, optionally contrasted, times V, then the output projection."""
+    query, key, value = (
+        _heads(attn, projection, rows)
+        for projection, rows in ((attn.to_q, query_rows), (attn.to_k, key_rows), (attn.to_v, value_rows))
+    )
+    probabilities = (query @ key.transpose(-2, -1) / math.sqrt(DIM_HEAD)).softmax(-1)
+    if contrast != 1.0:
+        mean = probabilities.mean(-1, keepdim=True)
+        probabilities = ((probabilities - mean) * contrast + mean).clip(0, 1)
+    out = (probabilities @ value).transpose(1, 2).reshape(query.shape[0], TOKENS, HEADS * DIM_HEAD).float()
+    with torch.no_grad():
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_processor_without_edits_equals_default_processor(attention_module):
     hidden_states = _hidden(3)
     expected = _run(attention_module, AttnProcessor2_0(), hidden_states)
-    for level, mixing_levels in ((None, frozenset()), (0, frozenset()), (1, frozenset({0}))):
-        controller = CrossImageAttentionController(num_pairs=1, contrast_strength=1.67, mixing_levels=mixing_levels)
-        out = _run(attention_module, CrossImageAttnProcessor(controller, level=level), hidden_states)
-        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    out, _ = _controlled(attention_module, hidden_states, RowGroups.of(("a", 1), ("b", 2)))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    # A processor whose controller was never given a step runs plain attention too.
+    out = _run(attention_module, ControlledAttnProcessor(AttentionController(), LAYER), hidden_states)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_processor_without_mixing_equals_default_processor_on_spatial_input():
+def test_processor_without_edits_equals_default_processor_on_spatial_input():
     torch.manual_seed(2)
     attn = Attention(
         query_dim=8, heads=2, dim_head=4, norm_num_groups=4, residual_connection=True, rescale_output_factor=2.0
     ).eval()
     hidden_states = torch.randn(3, 8, 3, 4, generator=torch.Generator().manual_seed(8))
-    expected = _run(attn, AttnProcessor2_0(), hidden_states)
-    controller = CrossImageAttentionController(num_pairs=1, contrast_strength=1.67)
-    out = _run(attn, CrossImageAttnProcessor(controller, level=0), hidden_states)
+    expected = _run(attn, AttnProcessor(), hidden_states)
+    out, _ = _controlled(attn, hidden_states, RowGroups.of(("a", 3)))
     assert out.shape == hidden_states.shape
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("use_structure_kv", [False, True])
-def test_processor_mixing_one_pair(attention_module, use_structure_kv):
-    hidden_states = _hidden(3, seed=9)  # [OUT, APP, STRUCT]
-    plain = _run(attention_module, AttnProcessor2_0(), hidden_states)
-    controller = CrossImageAttentionController(
-        num_pairs=1,
-        contrast_strength=1.67,
-        query_chunk_size=3,
-        mixing_levels=frozenset({0}),
-        use_structure_kv=use_structure_kv,
+@pytest.mark.parametrize("contrast", [1.0, 1.67])
+def test_key_value_injection_matches_explicit_attention(attention_module, contrast):
+    # [reference, generated x 2, bystander]: each generated row attends to the one reference row's keys and values.
+    hidden_states = _hidden(4, seed=9)
+    rows = RowGroups.of(("reference", 1), ("generated", 2), ("bystander", 1))
+    out, _ = _controlled(
+        attention_module, hidden_states, rows, [KeyValueInjection("generated", "reference", contrast)], chunk=3
     )
-    out = _run(attention_module, CrossImageAttnProcessor(controller, level=0), hidden_states)
-    donor = 2 if use_structure_kv else 1
-    expected_out = _expected_mixed_row(attention_module, hidden_states, 0, donor, 1.67)
-    torch.testing.assert_close(out[0:1], expected_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[1:], plain[1:], atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(out[0], plain[0], atol=1e-3)
+    plain = _run(attention_module, AttnProcessor2_0(), hidden_states)
+    for row in (1, 2):
+        expected = _explicit(
+            attention_module, hidden_states[row : row + 1], hidden_states[0:1], hidden_states[0:1], contrast
+        )
+        torch.testing.assert_close(out[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[row], plain[row], atol=1e-3)
+    torch.testing.assert_close(out[[0, 3]], plain[[0, 3]], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("use_structure_kv", [False, True])
-def test_processor_mixing_two_pairs_layout(attention_module, use_structure_kv):
-    hidden_states = _hidden(6, seed=10)  # [OUT0, OUT1, APP0, APP1, STRUCT0, STRUCT1]
-    plain = _run(attention_module, AttnProcessor2_0(), hidden_states)
-    controller = CrossImageAttentionController(
-        num_pairs=2, contrast_strength=2.0, mixing_levels=frozenset({1}), use_structure_kv=use_structure_kv
-    )
-    out = _run(attention_module, CrossImageAttnProcessor(controller, level=1), hidden_states)
+def test_key_value_injection_pairs_rows_one_to_one(attention_module):
+    # CIA's layout [OUT0, OUT1, APP0, APP1]: output row p takes appearance row p.
+    hidden_states = _hidden(4, seed=10)
+    rows = RowGroups.of(("out", 2), ("appearance", 2))
+    out, _ = _controlled(attention_module, hidden_states, rows, [KeyValueInjection("out", "appearance", 2.0)])
     for pair in range(2):
-        donor = (4 if use_structure_kv else 2) + pair
-        expected = _expected_mixed_row(attention_module, hidden_states, pair, donor, 2.0)
+        donor = hidden_states[2 + pair : 3 + pair]
+        expected = _explicit(attention_module, hidden_states[pair : pair + 1], donor, donor, 2.0)
         torch.testing.assert_close(out[pair : pair + 1], expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[2:], plain[2:], atol=1e-6, rtol=1e-5)
 
 
-def test_processor_mixing_with_beta_one_and_identical_rows_reproduces_the_donor(attention_module):
-    app = _hidden(1, seed=11)
-    hidden_states = torch.cat([app, app, _hidden(1, seed=12)])
-    controller = CrossImageAttentionController(num_pairs=1, contrast_strength=1.0, mixing_levels=frozenset({0}))
-    out = _run(attention_module, CrossImageAttnProcessor(controller, level=0), hidden_states)
-    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+def test_attention_map_injection_matches_explicit_attention(attention_module):
+    # [uncond/source, uncond/target, cond/source, cond/target x 2]: the conditional targets use the conditional
+    # source's maps on their own values; the unconditional rows keep their own attention.
+    hidden_states = _hidden(5, seed=11)
+    rows = RowGroups.of(("uncond/source", 1), ("uncond/target", 1), ("cond/source", 1), ("cond/target", 2))
+    out, _ = _controlled(attention_module, hidden_states, rows, [AttentionMapInjection("cond/target", "cond/source")])
+    plain = _run(attention_module, AttnProcessor2_0(), hidden_states)
+    source = hidden_states[2:3]
+    for row in (3, 4):
+        expected = _explicit(attention_module, source, source, hidden_states[row : row + 1])
+        torch.testing.assert_close(out[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[row], plain[row], atol=1e-3)
+    torch.testing.assert_close(out[:3], plain[:3], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mixing_levels", [frozenset(), frozenset({0})])
-def test_processor_capture_stores_head_averaged_maps_of_app_and_struct(attention_module, mixing_levels):
-    hidden_states = _hidden(6, seed=13)
-    controller = CrossImageAttentionController(
-        num_pairs=2, contrast_strength=1.67, query_chunk_size=4, mixing_levels=mixing_levels, capture=True
+def test_map_injection_with_identical_values_reproduces_the_source(attention_module):
+    source = _hidden(1, seed=12)
+    rows = RowGroups.of(("source", 1), ("target", 1))
+    out, _ = _controlled(
+        attention_module, torch.cat([source, source]), rows, [AttentionMapInjection("target", "source")]
     )
-    _run(attention_module, CrossImageAttnProcessor(controller, level=0, capture_as="self"), hidden_states)
-    captured = controller.captured["self"]
-    assert captured.shape == (4, TOKENS, TOKENS)
-    with torch.no_grad():
-        rows = hidden_states[2:]
-        expected = _direct_probabilities(_split(attention_module.to_q(rows)), _split(attention_module.to_k(rows)))
-    torch.testing.assert_close(captured, expected.mean(1).float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=1e-5)
 
 
-def test_processor_does_not_capture_when_capture_is_off(attention_module):
-    controller = CrossImageAttentionController(num_pairs=1, contrast_strength=1.67, capture=False)
-    _run(attention_module, CrossImageAttnProcessor(controller, level=0, capture_as="self"), _hidden(3))
-    assert controller.captured == {}
+def test_capture_records_head_averaged_maps_of_the_named_groups(attention_module):
+    hidden_states = _hidden(5, seed=13)
+    rows = RowGroups.of(("out", 2), ("appearance", 2), ("structure", 1))
+    _, controller = _controlled(
+        attention_module,
+        hidden_states,
+        rows,
+        [KeyValueInjection("out", "appearance", 1.67)],
+        capture=MapCapture("self", ("appearance", "structure")),
+        chunk=4,
+    )
+    captured = controller.captured_maps()["self"]
+    assert captured.shape == (3, TOKENS, TOKENS)
+    query, key = (
+        _heads(attention_module, attention_module.to_q, hidden_states[2:]),
+        _heads(attention_module, attention_module.to_k, hidden_states[2:]),
+    )
+    expected = (query @ key.transpose(-2, -1) / math.sqrt(DIM_HEAD)).softmax(-1).mean(1).float()
+    torch.testing.assert_close(captured, expected, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The context manager on UNets
+# Installing the processor on UNets
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_context_installs_processors_and_restores_them(sd15_shaped_unet):
+def test_context_installs_only_on_the_selected_layers_and_restores_them(sd15_shaped_unet):
     original = sd15_shaped_unet.attn_processors
-    controller = CrossImageAttentionController(num_pairs=1, contrast_strength=1.67)
-    with cross_image_attention(sd15_shaped_unet, controller) as layers:
+    names = select_cross_image_layers(sd15_shaped_unet).names
+    controller = AttentionController()
+    with controlled_attention(sd15_shaped_unet, controller, names):
         inside = sd15_shaped_unet.attn_processors
-        touched = set(layers.self_attention_levels) | {layers.capture_cross_attention}
-        assert len(touched) == 7
         for name, processor in inside.items():
-            if name in touched:
-                assert isinstance(processor, CrossImageAttnProcessor)
-                assert processor.controller is controller
+            if name in names:
+                assert isinstance(processor, ControlledAttnProcessor)
+                assert processor.controller is controller and processor.name == name
             else:
                 assert processor is original[name]
-        for name, level in layers.self_attention_levels.items():
-            assert inside[name].level == level
-            assert inside[name].capture_as == ("self" if name == _attn1(3, 2) else None)
-        assert inside[_attn2(2, 2)].level is None and inside[_attn2(2, 2)].capture_as == "cross"
     after = sd15_shaped_unet.attn_processors
-    assert after.keys() == original.keys()
     assert all(after[name] is original[name] for name in original)
 
 
 def test_context_restores_processors_when_the_body_raises(sd15_shaped_unet):
     original = sd15_shaped_unet.attn_processors
-    controller = CrossImageAttentionController(num_pairs=1, contrast_strength=1.67)
     with pytest.raises(KeyError):
-        with cross_image_attention(sd15_shaped_unet, controller):
-            assert isinstance(sd15_shaped_unet.attn_processors[_attn1(3, 0)], CrossImageAttnProcessor)
+        with controlled_attention(sd15_shaped_unet, AttentionController(), [_attn1(3, 0)]):
+            assert isinstance(sd15_shaped_unet.attn_processors[_attn1(3, 0)], ControlledAttnProcessor)
             raise KeyError("boom")
     after = sd15_shaped_unet.attn_processors
     assert all(after[name] is original[name] for name in original)
+
+
+def test_context_rejects_unknown_layer_names(sd15_shaped_unet):
+    original = sd15_shaped_unet.attn_processors
+    with pytest.raises(ValueError, match="no attention layers named"):
+        with controlled_attention(sd15_shaped_unet, AttentionController(), ["up_blocks.9.attn1.processor"]):
+            pass
+    assert all(sd15_shaped_unet.attn_processors[name] is original[name] for name in original)
 
 
 def test_context_on_tiny_unet_end_to_end(tiny_unet):
     generator = torch.Generator().manual_seed(14)
     app, struct, other = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(3))
     text = torch.randn(1, 6, 32, generator=generator).expand(3, 6, 32)  # one prompt for all rows, as in the pipeline
-    timestep = 400
+    layers = select_cross_image_layers(tiny_unet)
+    rows = RowGroups.of(("out", 1), ("appearance", 1), ("structure", 1))
+    captures = {
+        layers.capture_self: MapCapture("self", ("appearance", "structure")),
+        layers.capture_cross: MapCapture("cross", ("appearance", "structure")),
+    }
 
-    def forward(sample, controller=None):
-        with torch.no_grad():
-            if controller is None:
-                return tiny_unet(sample, timestep, text).sample
-            with cross_image_attention(tiny_unet, controller):
-                return tiny_unet(sample, timestep, text).sample
+    def forward(sample, edits=None):
+        controller = AttentionController(query_chunk_size=16)
+        controller.begin_step(rows, {name: edits for name in layers.levels} if edits else {}, captures)
+        with torch.no_grad(), controlled_attention(tiny_unet, controller, layers.names):
+            return tiny_unet(sample, 400, text).sample, controller.captured_maps()
 
     batch = torch.cat([other, app, struct])
-    plain = forward(batch)
+    with torch.no_grad():
+        plain = tiny_unet(batch, 400, text).sample
 
-    # No mixing: identical to the UNet's own processors; capture stores [2P, N, N] self and [2P, N', T] cross maps.
-    controller = CrossImageAttentionController(num_pairs=1, contrast_strength=1.67, query_chunk_size=16, capture=True)
-    torch.testing.assert_close(forward(batch, controller), plain, atol=1e-5, rtol=1e-5)
-    self_maps, cross_maps = controller.captured["self"], controller.captured["cross"]
-    assert self_maps.shape == (2, 64, 64)
-    assert cross_maps.shape == (2, 16, 6)
-    torch.testing.assert_close(self_maps.sum(-1), torch.ones(2, 64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(cross_maps.sum(-1), torch.ones(2, 16), atol=1e-5, rtol=0)
+    # No edits: identical to the UNet's own processors; capture gives [2, N, N] self and [2, N', T] cross maps.
+    out, captured = forward(batch)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+    assert captured["self"].shape == (2, 64, 64) and captured["cross"].shape == (2, 16, 6)
+    torch.testing.assert_close(captured["self"].sum(-1), torch.ones(2, 64), atol=1e-5, rtol=0)
 
-    # Mixing at both levels: APP and STRUCT rows untouched, OUT changed; captured maps do not depend on OUT.
-    controller = CrossImageAttentionController(
-        num_pairs=1, contrast_strength=1.67, mixing_levels=frozenset({0, 1}), capture=True
-    )
-    mixed = forward(batch, controller)
-    torch.testing.assert_close(mixed[1:], plain[1:], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(mixed[0], plain[0], atol=1e-4)
-    torch.testing.assert_close(controller.captured["self"], self_maps, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(controller.captured["cross"], cross_maps, atol=1e-6, rtol=1e-5)
+    # Cross-image attention at both levels: APP and STRUCT rows untouched, OUT changed, captures unchanged.
+    edited, edited_captured = forward(batch, [KeyValueInjection("out", "appearance", 1.67)])
+    torch.testing.assert_close(edited[1:], plain[1:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(edited[0], plain[0], atol=1e-4)
+    torch.testing.assert_close(edited_captured["self"], captured["self"], atol=1e-6, rtol=1e-5)
 
-    # With beta = 1 and OUT == APP, attending to APP's keys and values reproduces APP's output.
-    controller = CrossImageAttentionController(num_pairs=1, contrast_strength=1.0, mixing_levels=frozenset({0, 1}))
-    same = forward(torch.cat([app, app, struct]), controller)
+    # Without contrast and with OUT == APP, attending to APP's keys and values reproduces APP's output.
+    same, _ = forward(torch.cat([app, app, struct]), [KeyValueInjection("out", "appearance")])
     torch.testing.assert_close(same[0], same[1], atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@ needs, skips the output branch while it equals the structure and drops the struc
 
 from tiny_models import seeded
 
-from cross_image_attention.pipeline_cross_image import plan_denoising_steps, structure_last_use
+from cross_image_attention.cross_image_plan import plan_denoising_steps, row_groups_per_step, structure_last_use
 
 T, S = 100, 32
 N = T - S
@@ -55,11 +55,24 @@ def test_default_schedule_forward_count(tiny_pipe, cat_image, astronaut_image):
 
 def test_structure_last_use_follows_the_gates():
     plan = plan_denoising_steps(N, (10, 90), (10, 70), (20, 100), 3.5, segment=True)
-    assert [i for i, step in enumerate(plan) if step.mixing_levels][0] == 11  # the counter lags by one
-    assert [i for i, step in enumerate(plan) if step.mixing_levels and step.use_structure_kv] == list(range(11, 37, 5))
+    assert [i for i, step in enumerate(plan) if step.attention_levels][0] == 11  # the counter lags by one
+    assert [i for i, step in enumerate(plan) if step.attention_levels and step.donor == "structure"] == list(range(11, 37, 5))
     assert [i for i, step in enumerate(plan) if step.capture] == [20]
     assert structure_last_use(plan) == 36
     # Without mixing or AdaIN the output is the structure all the way through.
     plain = plan_denoising_steps(N, (0, 0), (0, 0), (0, 0), 3.5, segment=False)
     assert structure_last_use(plain) == N - 1
     assert all(step.guidance_scale is None for step in plain)
+
+
+def test_row_groups_per_step_hold_only_the_rows_each_step_needs():
+    plan = plan_denoising_steps(N, (10, 90), (10, 70), (20, 100), 3.5, segment=True)
+    groups = row_groups_per_step(plan, every_branch=False)
+    assert sum(len(step) for step in groups) == 57 + 57 + 68 + 37
+    assert groups[0] == ("appearance", "structure")  # the output still equals the structure
+    assert groups[11] == ("out", "out_plain", "appearance", "structure")
+    assert groups[-1] == ("out", "out_plain", "appearance")  # the structure is no longer needed
+    # With a callback (or reconstructions) every branch is computed at every step.
+    every = row_groups_per_step(plan, every_branch=True)
+    assert all({"out", "appearance", "structure"} <= set(step) for step in every)
+    assert [("out_plain" in step) for step in every] == [step.guidance_scale is not None for step in plan]

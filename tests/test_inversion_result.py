@@ -37,6 +37,7 @@ FULL_METADATA = {
     "guidance_scale": 3.5,
     "height": 40,
     "width": 48,
+    "reference_freeu": True,
 }
 
 

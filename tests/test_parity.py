@@ -13,6 +13,7 @@ from tiny_models import PARITY, load_input
 
 from cross_image_attention import InversionResult
 from cross_image_attention.freeu import reference_freeu
+from cross_image_attention.inputs import image_to_pixels
 from cross_image_attention.inversion import ddpm_coefficients, ddpm_step
 
 CONFIG = json.loads((PARITY / "visible_short.json").read_text())["config"]
@@ -40,7 +41,7 @@ def fixture_arrays():
 def test_preprocessing_matches_fixture(tiny_pipe, fixture_arrays):
     for name, image in (("app", "chelsea"), ("struct", "astronaut")):
         expected = fixture_arrays[f"{name}_image_uint8"].float() / 127.5 - 1
-        pixels = tiny_pipe._image_to_pixels(load_input(image), name, 512, 512)
+        pixels = image_to_pixels(load_input(image), name, 512, 512, tiny_pipe.image_processor)
         assert torch.equal(pixels, expected), name
 
 
@@ -109,12 +110,12 @@ def test_inversion_round_trip(tiny_pipe, cat_image):
     target = tiny_pipe.invert(cat_image, skip_steps=9, generator=torch.Generator().manual_seed(3), **settings)
 
     pipe = tiny_pipe
-    conditional = pipe._encode_text(["A photo of a animal"], pipe.device)
-    embeddings = torch.cat([pipe._encode_text([""], pipe.device), conditional])
+    conditional = pipe.encode_text(["A photo of a animal"], pipe.device)
+    embeddings = torch.cat([pipe.encode_text([""], pipe.device), conditional])
     latents = start.latents
     with reference_freeu(pipe.unet):
         for i, t in enumerate(start.timesteps[:-1]):
-            eps_uncond, eps_cond = pipe._predict_noise(torch.cat([latents, latents]), t, embeddings).chunk(2)
+            eps_uncond, eps_cond = pipe.predict_noise(torch.cat([latents, latents]), t, embeddings).chunk(2)
             eps = eps_uncond + 3.5 * (eps_cond - eps_uncond)
             latents = ddpm_step(latents, eps, start.noise[:, i], ddpm_coefficients(pipe.scheduler, t))
     assert (latents - target.latents).abs().max() < 1e-4
