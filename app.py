@@ -26,6 +26,8 @@ import torch  # noqa: E402
 
 from cross_image_attention import CrossImageAttentionPipeline  # noqa: E402
 from cross_image_attention.cli import (  # noqa: E402
+    DEFAULT_SEED,
+    DEFAULTS,
     EXAMPLE_APPEARANCE,
     EXAMPLE_DOMAIN,
     EXAMPLE_STRUCTURE,
@@ -75,20 +77,20 @@ def run_transfer(
     appearance_image: PIL.Image.Image | None,
     structure_image: PIL.Image.Image | None,
     domain_name: str | None = EXAMPLE_DOMAIN,
-    seed: int | None = 42,
-    num_timesteps: int | None = 100,
-    skip_steps: int | None = 32,
-    swap_guidance_scale: float | None = 3.5,
-    contrast_strength: float | None = 1.67,
-    use_masked_adain: bool = True,
-    cross_attn_32_start: int | None = 10,
-    cross_attn_32_end: int | None = 70,
-    cross_attn_64_start: int | None = 10,
-    cross_attn_64_end: int | None = 90,
-    adain_start: int | None = 20,
-    adain_end: int | None = 100,
-    height: int | None = 512,
-    width: int | None = 512,
+    seed: int | None = DEFAULT_SEED,
+    num_timesteps: int | None = DEFAULTS["num_inference_steps"],
+    skip_steps: int | None = DEFAULTS["skip_steps"],
+    swap_guidance_scale: float | None = DEFAULTS["swap_guidance_scale"],
+    contrast_strength: float | None = DEFAULTS["contrast_strength"],
+    use_masked_adain: bool = DEFAULTS["use_masked_adain"],
+    cross_attn_32_start: int | None = DEFAULTS["cross_attn_32_range"][0],
+    cross_attn_32_end: int | None = DEFAULTS["cross_attn_32_range"][1],
+    cross_attn_64_start: int | None = DEFAULTS["cross_attn_64_range"][0],
+    cross_attn_64_end: int | None = DEFAULTS["cross_attn_64_range"][1],
+    adain_start: int | None = DEFAULTS["adain_range"][0],
+    adain_end: int | None = DEFAULTS["adain_range"][1],
+    height: int | None = DEFAULTS["height"],
+    width: int | None = DEFAULTS["width"],
     progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (gradio finds the tracker by this default)
 ) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """The demo's Run button: the transfer and the strip `[structure | appearance | transfer]`.
@@ -121,8 +123,7 @@ def run_transfer(
         output = pipe(
             appearance_image.convert("RGB"),
             structure_image.convert("RGB"),
-            # Without masked AdaIN the reference lets the domain default to "object", and so its prompt.
-            domain_name=domain_name or "object",
+            domain_name=domain_name,
             num_inference_steps=num_timesteps,
             skip_steps=skip_steps,
             swap_guidance_scale=swap_guidance_scale,
@@ -186,35 +187,45 @@ def build_demo(
                 )
                 with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
                     with gr.Row():
-                        seed = gr.Number(label=NUMBER_LABELS["seed"], value=42, precision=0, elem_id="seed")
+                        seed = gr.Number(label=NUMBER_LABELS["seed"], value=DEFAULT_SEED, precision=0, elem_id="seed")
                         num_timesteps = gr.Number(
-                            label=NUMBER_LABELS["num_timesteps"], value=100, precision=0, elem_id="num_timesteps"
+                            label=NUMBER_LABELS["num_timesteps"],
+                            value=DEFAULTS["num_inference_steps"],
+                            precision=0,
+                            elem_id="num_timesteps",
                         )
                         skip_steps = gr.Number(
                             label=NUMBER_LABELS["skip_steps"],
-                            value=32,
+                            value=DEFAULTS["skip_steps"],
                             precision=0,
                             info="noisiest steps skipped",
                             elem_id="skip_steps",
                         )
                     with gr.Row():
                         swap_guidance_scale = gr.Slider(
-                            0, 10, value=3.5, step=0.1, label=NUMBER_LABELS["swap_guidance_scale"], elem_id="swap"
+                            0,
+                            10,
+                            value=DEFAULTS["swap_guidance_scale"],
+                            step=0.1,
+                            label=NUMBER_LABELS["swap_guidance_scale"],
+                            elem_id="swap",
                         )
                         contrast_strength = gr.Slider(
-                            0, 5, value=1.67, step=0.01, label=NUMBER_LABELS["contrast_strength"], elem_id="contrast"
+                            0,
+                            5,
+                            value=DEFAULTS["contrast_strength"],
+                            step=0.01,
+                            label=NUMBER_LABELS["contrast_strength"],
+                            elem_id="contrast",
                         )
                     use_masked_adain = gr.Checkbox(
-                        value=True,
+                        value=DEFAULTS["use_masked_adain"],
                         label="Masked AdaIN (restrict AdaIN to the objects found by self-segmentation)",
                         elem_id="use_masked_adain",
                     )
                     ranges = []
-                    for name, (start, end) in (
-                        ("cross_attn_32", (10, 70)),
-                        ("cross_attn_64", (10, 90)),
-                        ("adain", (20, 100)),
-                    ):
+                    for name in ("cross_attn_32", "cross_attn_64", "adain"):
+                        start, end = DEFAULTS[f"{name}_range"]
                         with gr.Row():
                             for side, value in (("start", start), ("end", end)):
                                 key = f"{name}_{side}"
@@ -223,10 +234,18 @@ def build_demo(
                                 )
                     with gr.Row():
                         height = gr.Number(
-                            label=NUMBER_LABELS["height"], value=512, precision=0, step=64, elem_id="height"
+                            label=NUMBER_LABELS["height"],
+                            value=DEFAULTS["height"],
+                            precision=0,
+                            step=64,
+                            elem_id="height",
                         )
                         width = gr.Number(
-                            label=NUMBER_LABELS["width"], value=512, precision=0, step=64, elem_id="width"
+                            label=NUMBER_LABELS["width"],
+                            value=DEFAULTS["width"],
+                            precision=0,
+                            step=64,
+                            elem_id="width",
                         )
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column():

@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import io
 import json
-import math
 import os
 import platform
 import re
@@ -32,7 +31,7 @@ import transformers
 
 from . import __version__
 from .inversion import InversionResult, skip_trajectory_draws
-from .pipeline_cross_image import CrossImageAttentionPipeline
+from .pipeline_cross_image import CrossImageAttentionPipeline, call_defaults, check_steps, check_transfer_settings
 
 EXAMPLES = Path(__file__).parent / "examples"
 # The bundled pair (sources and licences in examples/LICENSE.md): a raccoon's look on Chelsea the cat.
@@ -42,8 +41,14 @@ EXAMPLE_DOMAIN = "animal"
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Every default is the pipeline's (the reference's values); nothing is restated here.
+DEFAULTS = call_defaults()
 # The reference inverts with this classifier-free guidance scale; it is a constant there, not an option.
-INVERSION_GUIDANCE_SCALE = 3.5
+INVERSION_GUIDANCE_SCALE = DEFAULTS["inversion_guidance_scale"]
+# The reference's seed (its `RunConfig` default); the pipeline itself has none.
+DEFAULT_SEED = 42
+# The pipeline's argument names that the command line spells differently.
+FLAGS = {"num_inference_steps": "--num_timesteps"}
 # A Hub repository id, "name" or "namespace/name"; anything else that does not exist locally is a missing folder.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 ROLES = ("appearance", "structure")
@@ -86,21 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--object_noun", help="word of the prompt naming the object (default: the domain name)")
     parser.add_argument("--output_path", type=Path, default=Path("output"), help="output folder (default: output)")
     parser.add_argument("--cache_dir", type=Path, help="inversion cache folder (default: OUTPUT_PATH/inversions)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed of the inversions (default: 42)")
-    parser.add_argument("--num_timesteps", type=int, default=100, help="length of the DDIM schedule (default: 100)")
-    parser.add_argument("--skip_steps", type=int, default=32, help="noisiest steps skipped (default: 32)")
-    parser.add_argument("--swap_guidance_scale", type=float, default=3.5, help="appearance guidance (default: 3.5)")
     parser.add_argument(
-        "--contrast_strength", type=float, default=1.67, help="attention contrast strength (default: 1.67)"
+        "--seed", type=int, default=DEFAULT_SEED, help=f"random seed of the inversions (default: {DEFAULT_SEED})"
     )
+    for flag, kind, what in (
+        ("--num_timesteps", int, "length of the DDIM schedule"),
+        ("--skip_steps", int, "noisiest steps skipped"),
+        ("--swap_guidance_scale", float, "appearance guidance"),
+        ("--contrast_strength", float, "contrast of the attention maps in cross-image attention"),
+    ):
+        default = DEFAULTS[flag_argument(flag)]
+        parser.add_argument(flag, type=kind, default=default, help=f"{what} (default: {default})")
     parser.add_argument(
         "--use_masked_adain",
         type=parse_bool,
         nargs="?",
         const=True,
-        default=True,
+        default=DEFAULTS["use_masked_adain"],
         metavar="BOOL",
-        help="restrict AdaIN to the objects found by self-segmentation (default: true)",
+        help=f"restrict AdaIN to the objects found by self-segmentation (default: {DEFAULTS['use_masked_adain']})",
     )
     parser.add_argument(
         "--no-use_masked_adain", dest="use_masked_adain", action="store_false", help="same as --use_masked_adain false"
@@ -114,11 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BOOL",
         help="reuse cached inversions of the same image bytes and settings (default: invert and overwrite)",
     )
-    for flag, (start, end), what in (
-        ("--cross_attn_32_range", (10, 70), "cross-image attention at 32x32 tokens"),
-        ("--cross_attn_64_range", (10, 90), "cross-image attention at 64x64 tokens"),
-        ("--adain_range", (20, 100), "AdaIN"),
+    for flag, what in (
+        ("--cross_attn_32_range", "cross-image attention in the decoder's second level (32x32 tokens at 512 px)"),
+        ("--cross_attn_64_range", "cross-image attention in the decoder's highest level (64x64 tokens at 512 px)"),
+        ("--adain_range", "AdaIN"),
     ):
+        start, end = DEFAULTS[flag_argument(flag)]
         parser.add_argument(
             flag,
             type=int,
@@ -128,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"denoising steps with {what} (default: {start} {end})",
         )
     add_model_options(parser)
-    parser.add_argument("--height", type=int, default=512, help="image height in pixels (default: 512)")
-    parser.add_argument("--width", type=int, default=512, help="image width in pixels (default: 512)")
+    for side in ("height", "width"):
+        default = DEFAULTS[side]
+        parser.add_argument(
+            f"--{side}", type=int, default=default, help=f"image {side} in pixels (default: {default})"
+        )
     return parser
 
 
@@ -142,23 +155,32 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path, str | None]:
     return args.app_image_path, args.struct_image_path, args.domain_name
 
 
+def flag_argument(flag: str) -> str:
+    """The pipeline argument a flag sets (`--num_timesteps` -> `num_inference_steps`)."""
+    name = flag.lstrip("-")
+    return next((argument for argument, spelled in FLAGS.items() if spelled == flag), name)
+
+
+def in_flag_words(error: Exception) -> ValueError:
+    """The pipeline's error about an argument, naming the flag instead (`num_inference_steps` -> --num_timesteps)."""
+    text = re.sub(r"`(\w+)`", lambda match: FLAGS.get(match.group(1), f"--{match.group(1)}"), str(error))
+    return ValueError(text)
+
+
 def check_settings(args: argparse.Namespace, domain_name: str | None) -> None:
-    """Reject bad values before the model is loaded, naming the flag."""
-    if args.num_timesteps < 1:
-        raise ValueError(f"--num_timesteps must be at least 1, got {args.num_timesteps}")
-    if not 0 <= args.skip_steps < args.num_timesteps:
-        raise ValueError(
-            f"--skip_steps must be in [0, --num_timesteps), got {args.skip_steps} with --num_timesteps "
-            f"{args.num_timesteps}"
+    """Reject bad values before the model is loaded, with the pipeline's own checks, naming the flag."""
+    try:
+        check_steps(args.num_timesteps, args.skip_steps)
+        check_transfer_settings(
+            swap_guidance_scale=args.swap_guidance_scale,
+            contrast_strength=args.contrast_strength,
+            inversion_guidance_scale=INVERSION_GUIDANCE_SCALE,
+            cross_attn_32_range=tuple(args.cross_attn_32_range),
+            cross_attn_64_range=tuple(args.cross_attn_64_range),
+            adain_range=tuple(args.adain_range),
         )
-    for flag in ("swap_guidance_scale", "contrast_strength"):
-        value = getattr(args, flag)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"--{flag} must be a finite number >= 0, got {value}")
-    for flag in ("cross_attn_32_range", "cross_attn_64_range", "adain_range"):
-        start, end = getattr(args, flag)
-        if not 0 <= start <= end:
-            raise ValueError(f"--{flag} must be START END with 0 <= START <= END, got {start} {end}")
+    except (ValueError, TypeError) as error:
+        raise in_flag_words(error) from None
     # Positive only: the multiple the sides need depends on the model, and the pipeline checks it.
     for flag in ("height", "width"):
         if getattr(args, flag) < 1:
@@ -397,9 +419,7 @@ def transfer_pair(
         extra_config: More entries for `config.json`.
     """
     (app_bytes, app_image), (struct_bytes, struct_image) = images
-    # Without masked AdaIN the reference lets the domain default to "object", and so its prompt.
-    domain_name = domain_name or "object"
-    prompt = args.prompt if args.prompt is not None else f"A photo of a {domain_name}"
+    prompt = CrossImageAttentionPipeline.default_prompts(args.prompt, domain_name, 1)[0]
     settings = inversion_settings(args, prompt)
     cache_paths = [
         cache_dir / f"{cache_key(data, role, settings)}.safetensors"

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from cross_image_attention import CrossImageAttentionPipeline
+from cross_image_attention.pipeline_cross_image import call_defaults
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
@@ -74,20 +75,18 @@ SD15_SCHEDULER = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    defaults = call_defaults()  # the pipeline's defaults, never restated
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="Hub id or local folder; default: SD 1.5 shapes with random weights")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--num_inference_steps", type=int, default=100)
-    parser.add_argument("--skip_steps", type=int, default=32)
+    for name in ("height", "width", "num_inference_steps", "skip_steps"):
+        parser.add_argument(f"--{name}", type=int, default=defaults[name])
     parser.add_argument("--pairs", type=int, default=1, help="image pairs in one call")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--masked_adain", action="store_true", help="self-segmentation masks (the CLI default)")
     # The default ranges start at step 10; short schedules pass e.g. `0 10` so that every feature runs.
-    parser.add_argument("--cross_attn_32_range", type=int, nargs=2, default=[10, 70], metavar=("START", "END"))
-    parser.add_argument("--cross_attn_64_range", type=int, nargs=2, default=[10, 90], metavar=("START", "END"))
-    parser.add_argument("--adain_range", type=int, nargs=2, default=[20, 100], metavar=("START", "END"))
+    for name in ("cross_attn_32_range", "cross_attn_64_range", "adain_range"):
+        parser.add_argument(f"--{name}", type=int, nargs=2, default=list(defaults[name]), metavar=("START", "END"))
     parser.add_argument("--output", type=Path, default=Path("benchmark.json"), help="JSON results file")
     return parser.parse_args(argv)
 
