@@ -281,8 +281,8 @@ def test_browser_example_fills_the_inputs(page):
 
 def test_api_command_line_and_demo_agree_on_one_input(pipe, saved_sd_dir, tmp_path, cat_image, astronaut_image):
     """One source for defaults: without a domain name all three prompt with the reference's "A photo of a object"
-    and give the same transfer (the command line inverts the two images in separate calls, so it may differ by
-    float rounding)."""
+    and give the same transfer, up to float rounding (the command line inverts the two images in separate calls,
+    and both front ends compute every branch for their strips, so their UNet batches differ from the API's)."""
     paths = {"app": tmp_path / "app.png", "struct": tmp_path / "struct.png"}
     astronaut_image.save(paths["app"])
     cat_image.save(paths["struct"])
@@ -310,7 +310,7 @@ def test_api_command_line_and_demo_agree_on_one_input(pipe, saved_sd_dir, tmp_pa
     }
     through_api = pipe(astronaut_image, cat_image, generator=torch.Generator().manual_seed(5), **settings).images[0]
     through_api = (through_api * 255).round().astype(int)
-    assert np.array_equal(np.asarray(through_demo).astype(int), through_api)
+    assert np.abs(np.asarray(through_demo).astype(int) - through_api).max() <= 1
     assert np.abs(through_cli - through_api).max() <= 1
     # The test can fail: the empty prompt (the API's default before) gives another image.
     other = pipe(astronaut_image, cat_image, prompt="", generator=torch.Generator().manual_seed(5), **settings)

@@ -29,8 +29,8 @@ from cross_image_attention import hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULES = {
-    "pipeline.py", "pipeline_cross_image.py", "attention_processors.py", "inversion.py", "adain.py", "freeu.py",
-    "segmentation.py",
+    "pipeline.py", "pipeline_cross_image.py", "cross_image_plan.py", "attention_control.py",
+    "attention_processors.py", "inversion.py", "inputs.py", "sd_glue.py", "adain.py", "freeu.py", "segmentation.py",
 }  # fmt: skip
 STAGED = MODULES | {"README.md", "LICENSE"}
 NEVER_STAGED = ("cli.py", "hub.py", "__init__.py", "__main__.py", "tests", "examples")
