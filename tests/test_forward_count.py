@@ -56,7 +56,8 @@ def test_default_schedule_forward_count(tiny_pipe, cat_image, astronaut_image):
 def test_structure_last_use_follows_the_gates():
     plan = plan_denoising_steps(N, (10, 90), (10, 70), (20, 100), 3.5, segment=True)
     assert [i for i, step in enumerate(plan) if step.attention_levels][0] == 11  # the counter lags by one
-    assert [i for i, step in enumerate(plan) if step.attention_levels and step.donor == "structure"] == list(range(11, 37, 5))
+    structure_donor = [i for i, step in enumerate(plan) if step.attention_levels and step.donor == "structure"]
+    assert structure_donor == list(range(11, 37, 5))
     assert [i for i, step in enumerate(plan) if step.capture] == [20]
     assert structure_last_use(plan) == 36
     # Without mixing or AdaIN the output is the structure all the way through.
