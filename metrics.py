@@ -284,7 +284,7 @@ def _lpips_heads_file(net: str) -> Path:
     spec = importlib.util.find_spec("torchmetrics")  # found without importing torchmetrics
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "LPIPS needs the linear heads shipped by torchmetrics: pip install 'cross-image-attention[metrics]'"
+            "LPIPS needs the linear heads shipped by torchmetrics: pip install 'torchmetrics>=1.1' (the metrics extra)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "functional" / "image" / "lpips_models" / f"{net}.pth"
     if not path.is_file():
@@ -816,11 +816,10 @@ def ssim(source, edit, mask=None) -> float:
 
 def lpips_distance(source, edit, models: MetricModels | None = None, mask=None) -> float:
     """LPIPS v0.1 (Zhang et al., CVPR 2018) with the backbone of `models` (default SqueezeNet 1.1, as PIE-Bench;
-    AlexNet is LPIPS's own default). Lower is better, 0 for identical images; about 0.1 is a visible but small
-    change, above 0.5 a different image.
+    AlexNet is LPIPS's own default). Lower is better, 0 for identical images. Symmetric in its arguments.
 
     Input: the images at the source's size (no resize to 224), scaled to [-1, 1]. Needs torchmetrics (the linear
-    heads, `pip install 'cross-image-attention[metrics]'`) and torchvision's backbone weights from
+    heads: the `metrics` extra, `pip install ".[metrics]"`) and torchvision's backbone weights from
     download.pytorch.org (cached on first use in torch's hub folder).
 
     Args:

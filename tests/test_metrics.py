@@ -388,7 +388,7 @@ def test_lpips_offline_is_one_line(monkeypatch):
 
 def test_lpips_without_torchmetrics_says_what_to_install(monkeypatch):
     monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=r"pip install 'cross-image-attention\[metrics\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'torchmetrics>=1.1' \(the metrics extra\)"):
         metrics.LPIPS.pretrained("alex")
 
 
