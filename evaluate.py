@@ -307,7 +307,8 @@ class Scorer:
         return True
 
     def score(self, rows: list[Row]) -> list[str | None]:
-        """Fill each row's `scores`; returns per row None, or why it could not be scored (an unreadable image)."""
+        """Fill each row's `scores`; returns per row None, or why it could not be scored (an unreadable image, an
+        image too small for SSIM)."""
         loaded: dict[int, dict] = {}
         problems: list[str | None] = [None] * len(rows)
         for index, row in enumerate(rows):
@@ -315,7 +316,8 @@ class Scorer:
                 images = {role: self._load(path) for role, path in row.images.items()}
                 images["output"] = self._load(row.output)
                 if row.mask is not None:
-                    images["mask"] = metrics.to_mask(PIL.Image.open(row.mask), tuple(images["output"].shape[-2:]))
+                    with PIL.Image.open(row.mask) as mask:
+                        images["mask"] = metrics.to_mask(mask, tuple(images["output"].shape[-2:]))
                 loaded[index] = images
             except (OSError, ValueError) as error:
                 problems[index] = f"cannot score: {' '.join(str(error).split())}"

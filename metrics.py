@@ -4,16 +4,16 @@ Every function takes images as PIL images, torch tensors (`(3, H, W)` or `(1, 3,
 uint8) or numpy arrays (`(H, W, 3)`, uint8 or floats in [0, 1]), and returns a Python float. None of them depends
 on this project's pipelines: they score any method's outputs.
 
-| function               | measures                          | better | model                          |
-|------------------------|-----------------------------------|--------|--------------------------------|
-| `structure_distance`   | structure kept (Splice)           | lower  | DINO ViT-B/8, last layer keys  |
-| `dino_similarity`      | appearance / style kept ("DINO-I") | higher | DINO ViT-B/8, CLS token        |
-| `gram_distance`        | style statistics (Gatys-like)     | lower  | DINO ViT-B/8, patch tokens     |
-| `clip_score`           | text alignment                    | higher | CLIP ViT-L/14                  |
-| `lpips_distance`       | perceptual difference             | lower  | SqueezeNet (AlexNet, VGG16)    |
-| `psnr`                 | pixel fidelity                    | higher | none                           |
-| `ssim`                 | local structure fidelity          | higher | none                           |
-| `mse`                  | pixel difference                  | lower  | none                           |
+| function             | measures                           | better | model                         |
+|----------------------|------------------------------------|--------|-------------------------------|
+| `structure_distance` | structure kept (Splice)            | lower  | DINO ViT-B/8, last layer keys |
+| `dino_similarity`    | appearance / style kept ("DINO-I") | higher | DINO ViT-B/8, CLS token       |
+| `gram_distance`      | style statistics (Gatys-like)      | lower  | DINO ViT-B/8, patch tokens    |
+| `clip_score`         | text alignment                     | higher | CLIP ViT-L/14                 |
+| `lpips_distance`     | perceptual difference              | lower  | SqueezeNet (AlexNet, VGG16)   |
+| `psnr`               | pixel fidelity                     | higher | none                          |
+| `ssim`               | local structure fidelity           | higher | none                          |
+| `mse`                | pixel difference                   | lower  | none                          |
 
 Images of different sizes: the second image of a pair is resized to the first one's size (bicubic, antialiased)
 before it is compared; the first argument is always the reference (the structure, source or style image) and the
@@ -382,8 +382,10 @@ class MetricModels:
     """The models of the metrics, loaded on first use and kept while this object lives.
 
     Args:
-        dino_model: Hub id or local folder of a transformers `ViTModel` (DINO ViT-B/8 by default), or the model.
-        clip_model: Hub id or local folder of a transformers `CLIPModel` and its tokenizer, or the model.
+        dino_model: Hub id or local folder of a transformers `ViTModel` (DINO ViT-B/8 by default), or the model
+            (moved to `device`).
+        clip_model: Hub id or local folder of a transformers `CLIPModel` and its tokenizer, or the model (moved to
+            `device`).
         clip_tokenizer: The tokenizer when `clip_model` is a model object (default: loaded from `clip_model`).
         lpips_net: "squeeze", "alex" or "vgg" (see [`LPIPS`]), or an [`LPIPS`] model.
         device: Torch device of the models (default: cuda if available, else cpu).

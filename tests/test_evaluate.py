@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-from test_metrics import NEGATIVE_PROMPT, POSITIVE_PROMPT, build_clip, build_dino, build_lpips, photo
+from test_metrics import (  # noqa: F401 (one_thread: the autouse fixture applies to this module too)
+    NEGATIVE_PROMPT,
+    POSITIVE_PROMPT,
+    build_clip,
+    build_dino,
+    build_lpips,
+    one_thread,
+    photo,
+)
 
 from cross_image_attention import cli, evaluate, metrics
 

@@ -68,6 +68,16 @@ def photo(name: str, size: tuple[int, int] = (64, 64)) -> PIL.Image.Image:
     return PIL.Image.open(DATA / "parity" / f"{name}.png").convert("RGB").resize(size, PIL.Image.Resampling.BICUBIC)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads, and on shared cores waiting threads cost time: one thread here,
+    restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models():
     return build_models()
