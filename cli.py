@@ -463,7 +463,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 # Subcommands with their own modules, imported only when used: `cross-image-attention batch ...`, `... hub ...`.
-SUBCOMMANDS = ("batch", "hub")
+SUBCOMMANDS = ("batch", "hub", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
