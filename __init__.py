@@ -2,6 +2,7 @@
 Free-Prompt-Editing (text-guided editing) and Visual Style Prompting (SDXL and SD 1.x/2.x)."""
 
 from .ddim_inversion import DDIMInversionResult
+from .inputs import load_image
 from .inversion import InversionResult
 from .pipeline_cross_image import CrossImageAttentionPipeline, CrossImageAttentionPipelineOutput
 from .pipeline_prompt_editing import FreePromptEditingPipeline, FreePromptEditingPipelineOutput
@@ -19,5 +20,6 @@ __all__ = [
     "StylePromptingPipeline",
     "StylePromptingPipelineOutput",
     "StylePromptingXLPipeline",
+    "load_image",
 ]
 __version__ = "0.1.0"

@@ -62,6 +62,13 @@ NUMBER_LABELS = {
 }
 
 
+# A public demo serves anyone: these bound one request's work (the pipeline itself accepts more).
+MAX_SIDE = 1024
+MAX_STEPS = 200
+# Uploads are written to Gradio's cache; delete those older than a day, checking every hour.
+DELETE_UPLOADS = (3600, 86400)
+
+
 def message(error: BaseException) -> str:
     """The error's text on one line (some libraries' messages span several)."""
     return " ".join(str(error).split())
@@ -108,6 +115,10 @@ def run_transfer(
             raise error(f"{NUMBER_LABELS[name]} is empty: enter a number.")
     if not 0 <= seed < 2**64:
         raise error(f"Seed must be an integer from 0 to 2**64 - 1, got {seed}.")
+    if num_timesteps > MAX_STEPS:
+        raise error(f"{NUMBER_LABELS['num_timesteps']} must be at most {MAX_STEPS} in this demo, got {num_timesteps}.")
+    if max(height, width) > MAX_SIDE:
+        raise error(f"Height and width must be at most {MAX_SIDE} pixels in this demo, got {height}x{width}.")
     domain_name = (domain_name or "").strip() or None
     if use_masked_adain and domain_name is None:
         raise error(
@@ -160,7 +171,7 @@ def build_demo(
     if not isinstance(pipe, CrossImageAttentionPipeline):
         pipe = load_pipeline(str(pipe_or_model), device, dtype)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_UPLOADS) as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
         with gr.Row():
             with gr.Column():
@@ -281,6 +292,7 @@ def build_demo(
                 width,
             ],
             outputs=[transfer, strip_image],
+            api_name="transfer",
             # One run at a time: the pipeline swaps the UNet's attention processors while it runs.
             concurrency_limit=1,
         )

@@ -18,9 +18,12 @@ import json
 import os
 import platform
 import re
+import secrets
 import sys
-import tempfile
-from collections.abc import Callable
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
@@ -30,8 +33,18 @@ import torch
 import transformers
 
 from . import __version__
+from .inputs import check_size, load_image
 from .inversion import InversionResult, skip_trajectory_draws
-from .pipeline_cross_image import CrossImageAttentionPipeline, call_defaults, check_steps, check_transfer_settings
+from .pipeline_cross_image import (
+    CrossImageAttentionPipeline,
+    call_defaults,
+    check_schedule_length,
+    check_steps,
+    check_transfer_settings,
+    needs_segmentation,
+    object_noun_positions,
+)
+from .sd_glue import size_multiple_of, vae_scale_factor_of
 
 EXAMPLES = Path(__file__).parent / "examples"
 # The bundled pair (sources and licences in examples/LICENSE.md): a raccoon's look on Chelsea the cat.
@@ -49,6 +62,10 @@ INVERSION_GUIDANCE_SCALE = DEFAULTS["inversion_guidance_scale"]
 DEFAULT_SEED = 42
 # The pipeline's argument names that the command line spells differently.
 FLAGS = {"num_inference_steps": "--num_timesteps"}
+# torch.Generator seeds are unsigned 64-bit integers.
+MAX_SEED = 2**64 - 1
+# A `.partial` cache file older than this is a leftover of a killed run (writing one takes about a second).
+PARTIAL_MAX_AGE_S = 600
 # A Hub repository id, "name" or "namespace/name"; anything else that does not exist locally is a missing folder.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 ROLES = ("appearance", "structure")
@@ -64,6 +81,18 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class UsageError(ValueError):
+    """A malformed command line; reported like every other bad input."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are the command's other errors: one `error:` line naming the flag, exit 1
+    (argparse's own prints the whole usage and exits 2). `--help` is unchanged."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """`--model`, `--device` and `--dtype`, shared by the command line and the demo."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})")
@@ -77,7 +106,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of the reference's `RunConfig`, plus model, device, dtype, size and cache folder."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cross-image-attention",
         description="Cross-Image Attention for Zero-Shot Appearance Transfer: render the structure image's object "
         "with the appearance image's look. Without image paths, the bundled example pair is used.",
@@ -181,10 +210,12 @@ def check_settings(args: argparse.Namespace, domain_name: str | None) -> None:
         )
     except (ValueError, TypeError) as error:
         raise in_flag_words(error) from None
-    # Positive only: the multiple the sides need depends on the model, and the pipeline checks it.
+    # Positive here; the multiple the sides need depends on the model ([`check_model_settings`]).
     for flag in ("height", "width"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
     if args.use_masked_adain and domain_name is None:
         raise ValueError(
             "--use_masked_adain needs --domain_name to find the objects; or pass --use_masked_adain false"
@@ -192,14 +223,84 @@ def check_settings(args: argparse.Namespace, domain_name: str | None) -> None:
 
 
 def check_device(name: str) -> torch.device:
-    """The torch device; an unknown name or a missing CUDA is an error rather than a traceback later."""
+    """The torch device; an unknown name, a missing CUDA or a device that holds no data (`meta`) is an error
+    rather than a traceback later."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device: unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available")
+    if device.type == "meta":
+        raise ValueError(f"--device {name}: the meta device holds no data; use cpu or a GPU")
+    try:  # e.g. a backend torch was not built with, or a GPU index that does not exist
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ValueError(f"--device {name}: {' '.join(str(error).split()[:30])}") from None
     return device
+
+
+def check_output_folder(path: Path, flag: str) -> None:
+    """The folder exists or can be made: no file in the way (the error names the flag, not an errno)."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        raise ValueError(f"{flag}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: {existing} is not writable")
+
+
+def not_cached_error(model: str) -> ValueError:
+    """The one line for a Hub model that is neither in the local cache nor downloadable now."""
+    return ValueError(
+        f"--model: {model} is not in the local Hugging Face cache and could not be downloaded; download it once "
+        f"online (`hf download {model}`), or pass --model a local copy of the pipeline folder"
+    )
+
+
+def read_model_configs(model: str) -> dict:
+    """The scheduler's, UNet's and VAE's configs (small JSON files; no weights are loaded).
+
+    Raises:
+        ValueError: naming `--model`, when the model is not available.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    configs = {}
+    for part, kind in (("scheduler", DDIMScheduler), ("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        try:
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notices about diffusers' arguments
+                warnings.simplefilter("ignore", UserWarning)
+                configs[part] = kind.load_config(model, subfolder=part)
+        except OSError as error:
+            if not Path(model).is_dir():
+                raise not_cached_error(model) from None
+            raise ValueError(f"--model: cannot read {part}/config.json of {model}: {error}") from None
+    return configs
+
+
+def check_model_settings(args: argparse.Namespace, domain_name: str | None) -> None:
+    """The checks that depend on the model, from its configs and tokenizer only, before its weights are loaded:
+    the size multiple, the schedule length and, for masked AdaIN, the object noun in the prompt."""
+    configs = read_model_configs(args.model)
+    try:
+        multiple = size_multiple_of(vae_scale_factor_of(configs["vae"]), configs["unet"])
+        check_size(args.height, args.width, multiple)
+        check_schedule_length(args.num_timesteps, configs["scheduler"]["num_train_timesteps"])
+        num_steps = args.num_timesteps - args.skip_steps
+        if needs_segmentation(args.use_masked_adain, False, tuple(args.adain_range), num_steps):
+            try:
+                tokenizer = transformers.CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
+            except OSError:
+                if not Path(args.model).is_dir():
+                    raise not_cached_error(args.model) from None
+                raise ValueError(f"--model: cannot read the tokenizer of {args.model}") from None
+            prompt = CrossImageAttentionPipeline.default_prompts(args.prompt, domain_name, 1)
+            noun = args.object_noun if args.object_noun is not None else domain_name
+            object_noun_positions(tokenizer, prompt, [noun])
+    except (ValueError, TypeError) as error:
+        raise in_flag_words(error) from None
 
 
 def check_model(model: str) -> None:
@@ -215,18 +316,17 @@ def check_model(model: str) -> None:
 
 
 def read_image(path: Path, flag: str) -> tuple[bytes, PIL.Image.Image]:
-    """The file's bytes (for the cache key) and the RGB image decoded from those same bytes."""
+    """The file's bytes (for the cache key) and the RGB image decoded from those same bytes by
+    [`~inputs.load_image`] (EXIF orientation applied, 16-bit and grayscale files converted)."""
     if not path.exists():
         raise ValueError(f"{flag}: no such file: {path}")
     if not path.is_file():
         raise ValueError(f"{flag}: not a file: {path}")
     data = path.read_bytes()
     try:
-        image = PIL.Image.open(io.BytesIO(data)).convert("RGB")
-    except PIL.UnidentifiedImageError:
-        raise ValueError(f"{flag}: not an image: {path}") from None
-    except OSError as error:  # e.g. a truncated file
-        raise ValueError(f"{flag}: cannot read the image {path}: {error}") from None
+        image = load_image(io.BytesIO(data))
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}: {path}") from None
     return data, image
 
 
@@ -273,12 +373,16 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file of a unique name, then rename it to `path`.
 
     Readers never see a partial file, and processes writing the same cache entry at once do not write into each
-    other's file: the last rename wins, with equal content.
+    other's file: the last rename wins, with equal content. The file gets the user's normal mode (0666 less the
+    umask, as `open` gives), not `mkstemp`'s 0600: the README suggests a cache folder shared between users.
     """
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(handle)
+    partial = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.partial")
+    os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        # The mode `open` gave (0666 less the umask); writers that replace the file (safetensors) make it 0600.
+        mode = os.stat(partial).st_mode & 0o777
         write(partial)
+        os.chmod(partial, mode)
         os.replace(partial, path)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -307,6 +411,29 @@ def invert_and_cache(
     return inversion
 
 
+def remove_stale_partials(folder: Path) -> None:
+    """Delete `.partial` files that killed runs left behind; recent ones may be another process's write."""
+    now = time.time()
+    for partial in folder.glob(".*.partial"):
+        try:
+            if now - partial.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                partial.unlink()
+        except OSError:  # removed meanwhile by its writer, or not ours to remove
+            pass
+
+
+def load_cached(path: Path, role: str) -> InversionResult | None:
+    """The cached inversion, or None after reporting a corrupt or truncated file (it is then recomputed)."""
+    try:
+        inversion = InversionResult.load(path)
+    except ValueError as error:
+        print(f"warning: ignoring the unreadable cached {role} inversion ({' '.join(str(error).split())}); "
+              "inverting again", file=sys.stderr)  # fmt: skip
+        return None
+    print(f"Loading the cached {role} inversion {path}")
+    return inversion
+
+
 def invert_or_load(
     pipe: CrossImageAttentionPipeline,
     images: list[PIL.Image.Image],
@@ -321,19 +448,17 @@ def invert_or_load(
     after a cached appearance therefore first skips the appearance's draws, so its noise equals an uncached run's.
     """
     (app_image, struct_image), (app_path, struct_path) = images, cache_paths
+    remove_stale_partials(app_path.parent)
     generator = torch.Generator().manual_seed(args.seed)
-    if reuse and app_path.is_file():
-        print(f"Loading the cached appearance inversion {app_path}")
-        appearance = InversionResult.load(app_path)
-        if not (reuse and struct_path.is_file()):
+    appearance = load_cached(app_path, "appearance") if reuse and app_path.is_file() else None
+    structure = load_cached(struct_path, "structure") if reuse and struct_path.is_file() else None
+    if appearance is not None:
+        if structure is None:
             skip_trajectory_draws(args.num_timesteps, tuple(appearance.latents.shape[1:]), generator)
     else:
         print("Inverting the appearance image")
         appearance = invert_and_cache(pipe, app_image, generator, app_path, args, prompt)
-    if reuse and struct_path.is_file():
-        print(f"Loading the cached structure inversion {struct_path}")
-        structure = InversionResult.load(struct_path)
-    else:
+    if structure is None:
         print("Inverting the structure image")
         structure = invert_and_cache(pipe, struct_image, generator, struct_path, args, prompt)
     return appearance, structure
@@ -380,8 +505,8 @@ def strip_image(output) -> PIL.Image.Image:
 def save_outputs(output, folder: Path) -> tuple[Path, Path]:
     """`transfer.png` and the reference's strip `[structure | appearance | transfer]` as `strip.png`."""
     transfer_path, strip_path = folder / "transfer.png", folder / "strip.png"
-    output.images[0].save(transfer_path)
-    strip_image(output).save(strip_path)
+    write_atomically(transfer_path, lambda path: output.images[0].save(path, format="PNG"))
+    write_atomically(strip_path, lambda path: strip_image(output).save(path, format="PNG"))
     return transfer_path, strip_path
 
 
@@ -396,7 +521,7 @@ def write_config(path: Path, args: argparse.Namespace, resolved: dict) -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    write_atomically(path, lambda partial: Path(partial).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def transfer_pair(
@@ -444,21 +569,49 @@ def transfer_pair(
     return saved
 
 
+@contextmanager
+def output_folders(*folders: Path) -> Iterator[None]:
+    """Make the folders; on failure remove again those this made that are still empty (no empty output folders
+    are left behind by a failed run)."""
+    made = []
+    for folder in folders:
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        made.extend(missing)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first, as listed
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (kept) or already gone
+                pass
+        raise
+
+
 def run(args: argparse.Namespace) -> None:
-    """Check the inputs, invert (or load) both images, transfer, and write the outputs."""
+    """Check every input before any model is loaded, then invert (or load) both images, transfer, and write the
+    outputs."""
     app_path, struct_path, domain_name = resolve_inputs(args)
     check_settings(args, domain_name)
+    cache_dir = args.cache_dir if args.cache_dir is not None else args.output_path / "inversions"
+    check_output_folder(args.output_path, "--output_path")
+    check_output_folder(cache_dir, "--cache_dir" if args.cache_dir is not None else "--output_path")
     device = check_device(args.device)
     app_read = read_image(app_path, "--app_image_path")
     struct_read = read_image(struct_path, "--struct_image_path")
     check_model(args.model)
-    cache_dir = args.cache_dir if args.cache_dir is not None else args.output_path / "inversions"
-    for folder in (args.output_path, cache_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.model, device, args.dtype)
-    transfer_path, strip_path = transfer_pair(
-        pipe, args, (app_path, struct_path), (app_read, struct_read), domain_name, cache_dir, args.load_latents
-    )
+    check_model_settings(args, domain_name)
+    with output_folders(args.output_path, cache_dir):
+        try:
+            pipe = load_pipeline(args.model, device, args.dtype)
+        except OSError as error:
+            if not Path(args.model).is_dir():
+                raise not_cached_error(args.model) from None
+            raise ValueError(f"--model: cannot load {args.model}: {error}") from None
+        transfer_path, strip_path = transfer_pair(
+            pipe, args, (app_path, struct_path), (app_read, struct_read), domain_name, cache_dir, args.load_latents
+        )
     print(f"Saved {transfer_path} and {strip_path}")
 
 
@@ -471,11 +624,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(build_parser().parse_args(argv))
     except (ValueError, TypeError, OSError) as error:
         # One line, also for the multi-line messages of some libraries.
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; finished cache files are kept and reused with --load_latents", file=sys.stderr)
+        return 130
     return 0

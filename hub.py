@@ -37,7 +37,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -69,6 +69,7 @@ class StagedRepo:
     folder: Path
     files: list[str]
     base_model: str
+    removed: list[str] = field(default_factory=list)
 
 
 def relative_imports(module_file: Path) -> list[str]:
@@ -149,12 +150,19 @@ def check_model_card(readme: Path) -> ModelCard:
     return card
 
 
-def prepare_output(output: Path, overwrite: bool, source: Path) -> None:
-    """Create the output folder, or clear the staged files out of an existing one when `overwrite` is set.
+def prepare_output(output: Path, overwrite: bool, source: Path, files: list[str]) -> list[str]:
+    """Create the output folder, or clear a previous staging out of an existing one when `overwrite` is set.
 
-    Only the files a stage writes and other top-level `*.py` files are deleted: the folder's modules must be exactly
-    the staged ones (a stale module would be uploaded by a manual `git push`), while anything else, such as the `.git`
-    folder of a clone of the Hub repository, is kept.
+    The folder's modules must be exactly the staged ones (a stale module would be uploaded by a manual `git push`), so
+    top-level `*.py` files that this staging does not write are deleted, and their names returned to be listed.
+    Hidden entries, such as the `.git` folder of a clone of the Hub repository, are kept. Any other content means the
+    folder is not a previous staging: it is refused rather than emptied.
+
+    Args:
+        files: The names this staging writes.
+
+    Returns:
+        The names of the stale files removed.
     """
     if output.exists() and not output.is_dir():
         raise HubError(f"{output} exists and is not a folder")
@@ -164,10 +172,22 @@ def prepare_output(output: Path, overwrite: bool, source: Path) -> None:
         entries = list(output.iterdir())
         if entries and not overwrite:
             raise HubError(f"{output} is not empty: pass --overwrite to replace the staged files in it")
-        for entry in entries:
-            if entry.is_file() and (entry.suffix == ".py" or entry.name in (MODEL_CARD, LICENSE)):
-                entry.unlink()
+        visible = [entry for entry in entries if not entry.name.startswith(".")]
+        staged_kind = [e for e in visible if e.is_file() and (e.suffix == ".py" or e.name in (MODEL_CARD, LICENSE))]
+        foreign = sorted(entry.name for entry in visible if entry not in staged_kind)
+        if foreign:
+            raise HubError(
+                f"{output} holds files a staging does not write ({', '.join(foreign[:5])}); --overwrite only "
+                "replaces a previous staging: stage into an empty folder or a clone of the Hub repository"
+            )
+        if visible and not (output / "pipeline.py").is_file():
+            raise HubError(f"{output} has no pipeline.py, so it is not a previous staging: stage into another folder")
+        removed = sorted(entry.name for entry in staged_kind if entry.name not in files)
+        for entry in staged_kind:
+            entry.unlink()
+        return removed
     output.mkdir(parents=True, exist_ok=True)
+    return []
 
 
 def stage(output: Path, overwrite: bool = False, source: Path = SOURCE) -> StagedRepo:
@@ -185,15 +205,15 @@ def stage(output: Path, overwrite: bool = False, source: Path = SOURCE) -> Stage
                 "clone of the repository (or pass --source)"
             )
     card = check_model_card(source / MODEL_CARD)
-    prepare_output(output, overwrite, source)
     files = [*modules, MODEL_CARD, LICENSE]
+    removed = prepare_output(output, overwrite, source, files)
     for name in files:
         shutil.copyfile(source / name, output / name)
     base_model = card.data.base_model
     # `base_model` may be a list in the card; the first entry is the one to load the pipeline with.
     if isinstance(base_model, list):
         base_model = base_model[0]
-    return StagedRepo(folder=output, files=files, base_model=base_model)
+    return StagedRepo(folder=output, files=files, base_model=base_model, removed=removed)
 
 
 def push(
@@ -263,8 +283,16 @@ def one_line(error: BaseException) -> str:
     return message if len(message) <= 400 else message[:397] + "..."
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one `error:` line and exit status 1, like every other error of the command (argparse's
+    own print the usage and exit 2); `--help` is unchanged. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        raise HubError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Stage or upload the code-only Hub repository (pipeline.py, its sibling modules, README.md "
         "model card, LICENSE) that DiffusionPipeline.from_pretrained(..., custom_pipeline=...) loads.",
@@ -277,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage_parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="stage into a non-empty folder, deleting its *.py files, README.md and LICENSE first (others are kept)",
+        help="stage into a folder holding a previous staging, replacing it (stale modules are listed as removed; "
+        "hidden entries such as .git are kept; a folder holding anything else is refused)",
     )
     stage_parser.add_argument("--source", type=Path, default=SOURCE, help=source_help)
 
@@ -296,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_staged(staged: StagedRepo) -> None:
+    if staged.removed:
+        removed = ", ".join(staged.removed)
+        print(f"Removed {len(staged.removed)} files of a previous staging that this one lacks: {removed}")
     print(f"Staged {len(staged.files)} files in {staged.folder}:")
     for name in staged.files:
         print(f"  {name}")
@@ -303,8 +335,8 @@ def print_staged(staged: StagedRepo) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `stage` or `push`; returns the exit status (0, or 1 after one `error: ...` line on stderr)."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "stage":
             staged = stage(args.output, overwrite=args.overwrite, source=args.source)
             print_staged(staged)

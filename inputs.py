@@ -5,9 +5,11 @@ model runs.
 """
 
 import math
+import os
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -15,11 +17,18 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 RangeInput = tuple[int, int]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Upper bound of every guidance scale and of the contrast strength. The reference uses 3.5 and 1.67; up to 100 the
+# float32 latents stay finite (checked on the tests' tiny model up to 10^4), while 10^30 and beyond overflow to NaN
+# and would decode to a black image.
+MAX_SCALE = 100.0
 
 
 def check_range(value, name: str) -> RangeInput:
     """A ``(start, end)`` pair of step indices with ``0 <= start <= end`` (a ``range`` of step 1 is accepted)."""
     if isinstance(value, range):
+        # A stepped range names steps that `(start, end)` cannot express; taking its bounds would run every step.
+        if value.step != 1:
+            raise ValueError(f"`{name}` must be a (start, end) pair or a range of step 1, got {value!r}.")
         value = (value.start, value.stop)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"`{name}` must be a (start, end) pair of step indices, got {value!r}.")
@@ -31,13 +40,20 @@ def check_range(value, name: str) -> RangeInput:
     return int(start), int(end)
 
 
-def check_scale(value, name: str, minimum: float = 0.0) -> float:
-    """A finite real number ``>= minimum``."""
+def check_scale(value, name: str, minimum: float = 0.0, maximum: float = MAX_SCALE) -> float:
+    """A real number in ``[minimum, maximum]`` (finite: larger values overflow the latents to NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"`{name}` must be a finite number >= {minimum}, got {value}.")
+    if not (math.isfinite(value) and minimum <= value <= maximum):
+        raise ValueError(f"`{name}` must be a finite number in [{minimum:g}, {maximum:g}], got {value}.")
     return float(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """`True` or `False` only: a string such as ``"false"`` is truthy and would silently mean True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return bool(value)
 
 
 def check_int(value, name: str, minimum: int) -> int:
@@ -115,13 +131,48 @@ def as_image_list(images, name: str) -> list | None:
     return images
 
 
+def load_image(source) -> PIL.Image.Image:
+    """Decode an image file to RGB as `diffusers.utils.load_image` does, with two corrections; the command line,
+    batch runs and Python users (`cross_image_attention.load_image`) share it.
+
+    The EXIF orientation is applied and grayscale, palette and alpha images become RGB (alpha is dropped), as in
+    diffusers. 16-bit images (PNG `I;16`, `I`) are scaled to 8 bits, where Pillow's `convert("RGB")` (and so
+    diffusers) clips every value above 255 to white. An image too large for Pillow's decompression-bomb limit is
+    refused.
+
+    Args:
+        source: A file path or a binary file object.
+
+    Raises:
+        ValueError: For a file that is not a readable image, or one too large.
+    """
+    if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "read"):
+        raise TypeError(f"`source` must be a file path or a binary file, got {type(source).__name__}.")
+    try:
+        with PIL.Image.open(source) as opened:
+            image = PIL.ImageOps.exif_transpose(opened)
+            image.load()
+    except PIL.UnidentifiedImageError:
+        raise ValueError("not an image") from None
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(f"image too large: {error}") from None
+    except OSError as error:  # e.g. a truncated file
+        raise ValueError(f"cannot read the image: {error}") from None
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit samples (`I` holds them as int32): scale 0..65535 to 0..255 instead of clipping.
+        samples = np.asarray(image, dtype=np.float64)
+        image = PIL.Image.fromarray(np.clip(np.round(samples * 255.0 / 65535.0), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def centre_crop_box(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int, int, int]:
     """The largest centred box of the target aspect; offsets use integer division, as the CIA reference does."""
+    # At least one pixel: a 1-pixel side at another aspect would round to an empty crop.
     if width * target_height > height * target_width:  # too wide
-        new_width = round(height * target_width / target_height)
+        new_width = max(1, round(height * target_width / target_height))
         left = (width - new_width) // 2
         return left, 0, left + new_width, height
-    new_height = round(width * target_height / target_width)
+    new_height = max(1, round(width * target_height / target_width))
     top = (height - new_height) // 2
     return 0, top, width, top + new_height
 

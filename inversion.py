@@ -102,6 +102,11 @@ class InversionResult:
     @classmethod
     def cat(cls, results: list["InversionResult"]) -> "InversionResult":
         """Concatenate inversions along the batch; they must share timesteps (metadata of the first is kept)."""
+        results = list(results) if isinstance(results, (list, tuple)) else results
+        if not isinstance(results, list) or not results:
+            raise ValueError(f"`results` must be a non-empty list of InversionResult, got {results!r}.")
+        if not all(isinstance(r, InversionResult) for r in results):
+            raise TypeError("`results` must hold InversionResult objects only.")
         first = results[0]
         for other in results[1:]:
             if not torch.equal(other.timesteps.cpu(), first.timesteps.cpu()):
@@ -144,8 +149,42 @@ class InversionResult:
             raise ValueError(
                 f"{path} has format version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}."
             )
-        settings = {name: json.loads(metadata[name]) for name in _METADATA_FIELDS if name in metadata}
-        return cls(**tensors, **settings)
+        settings = {name: read_setting(metadata[name], name, path) for name in _METADATA_FIELDS if name in metadata}
+        for name in ("latents", "noise"):
+            if not tensors[name].is_floating_point() or not torch.isfinite(tensors[name]).all():
+                raise ValueError(f"{path} holds non-finite {name} (NaN or infinity), or not floats; invert again.")
+        try:
+            return cls(**tensors, **settings)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a valid InversionResult file: {error}") from None
+
+
+# The type of each setting in a file's metadata; None is always allowed (unknown).
+_METADATA_TYPES = {
+    "prompt": (str,),
+    "num_inference_steps": (int,),
+    "skip_steps": (int,),
+    "guidance_scale": (int, float),
+    "height": (int,),
+    "width": (int,),
+    "reference_freeu": (bool,),
+}
+
+
+def read_setting(text: str, name: str, path) -> object:
+    """One setting of a file's metadata: a JSON scalar of the field's type (a file may come from anywhere, and a
+    deeply nested value would make `json.loads` raise RecursionError)."""
+    if len(text) > 10_000:
+        raise ValueError(f"{path}: the metadata field {name!r} is too long ({len(text)} characters).")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError(f"{path}: the metadata field {name!r} is not a JSON value.") from None
+    kinds = _METADATA_TYPES[name]
+    is_bool = isinstance(value, bool)
+    if value is not None and (not isinstance(value, kinds) or (is_bool and bool not in kinds)):
+        raise ValueError(f"{path}: the metadata field {name!r} must be a {kinds[0].__name__}, got {value!r}.")
+    return value
 
 
 @dataclass

@@ -44,6 +44,7 @@ from .inputs import (
     ImageInput,
     RangeInput,
     as_image_list,
+    check_bool,
     check_callback,
     check_int,
     check_output_type,
@@ -142,6 +143,43 @@ def check_steps(num_inference_steps, skip_steps) -> tuple[int, int]:
     if skip_steps >= num_inference_steps:
         raise ValueError(f"`skip_steps` ({skip_steps}) must be smaller than `num_inference_steps`.")
     return num_inference_steps, skip_steps
+
+
+def check_schedule_length(num_inference_steps: int, num_train_timesteps: int) -> None:
+    """The DDIM schedule cannot be longer than the scheduler's training schedule (its `num_train_timesteps`)."""
+    if num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"`num_inference_steps` must be at most {num_train_timesteps} (the scheduler's training steps), got "
+            f"{num_inference_steps}."
+        )
+
+
+def needs_segmentation(use_masked_adain: bool, masks_given: bool, adain_range: RangeInput, num_steps: int) -> bool:
+    """Whether a call segments the images: masked AdaIN without given masks, with AdaIN steps to run."""
+    adain_start, adain_end = adain_range
+    return use_masked_adain and not masks_given and adain_start < min(adain_end, num_steps)
+
+
+def object_noun_positions(tokenizer, prompts: list[str], object_nouns: list) -> list:
+    """Token positions of each pair's object noun in its prompt (self-segmentation scores clusters with them).
+
+    Needs only the tokenizer, so the front ends run it before loading a model.
+
+    Args:
+        tokenizer: The pipeline's CLIP tokenizer.
+        prompts: One prompt per pair.
+        object_nouns: One noun per pair (None when neither `object_noun` nor `domain_name` was given).
+    """
+    if None in object_nouns:
+        raise ValueError(
+            "`use_masked_adain=True` needs `domain_name` (or `object_noun`) to find the object, or both "
+            "`appearance_mask` and `structure_mask`; or pass `use_masked_adain=False`."
+        )
+    positions = [noun_token_positions(tokenizer, p, n) for p, n in zip(prompts, object_nouns)]
+    for found, p, n in zip(positions, prompts, object_nouns):
+        if not found:
+            raise ValueError(f"`object_noun` {n!r} does not occur in the prompt {p!r}.")
+    return positions
 
 
 def check_transfer_settings(
@@ -255,11 +293,7 @@ class CrossImageAttentionPipeline(SDGlueMixin, DiffusionPipeline):
         self.check_prediction_type()
         check_size(height, width, self.size_multiple)
         num_inference_steps, skip_steps = check_steps(num_inference_steps, skip_steps)
-        if num_inference_steps > self.scheduler.config.num_train_timesteps:
-            raise ValueError(
-                f"`num_inference_steps` must be at most {self.scheduler.config.num_train_timesteps} (the scheduler's "
-                f"training steps), got {num_inference_steps}."
-            )
+        check_schedule_length(num_inference_steps, self.scheduler.config.num_train_timesteps)
         return num_inference_steps, skip_steps
 
     @staticmethod
@@ -311,9 +345,8 @@ class CrossImageAttentionPipeline(SDGlueMixin, DiffusionPipeline):
             cross_attn_64_range=cross_attn_64_range,
             adain_range=adain_range,
         )
-        for name, value in (("use_masked_adain", use_masked_adain), ("reference_freeu", reference_freeu)):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+        use_masked_adain = check_bool(use_masked_adain, "use_masked_adain")
+        reference_freeu = check_bool(reference_freeu, "reference_freeu")
         check_output_type(output_type)
         tensor_inputs = check_callback(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
@@ -329,8 +362,7 @@ class CrossImageAttentionPipeline(SDGlueMixin, DiffusionPipeline):
         generators = generators_per_item(generator, num_pairs)
         pair_masks = self._given_masks(appearance_mask, structure_mask, use_masked_adain, num_pairs, height, width)
         num_steps = num_inference_steps - skip_steps
-        adain_start, adain_end = settings["adain_range"]
-        segment = use_masked_adain and pair_masks is None and adain_start < min(adain_end, num_steps)
+        segment = needs_segmentation(use_masked_adain, pair_masks is not None, settings["adain_range"], num_steps)
         layers = select_cross_image_layers(self.unet)
         noun_positions = None
         if segment:
@@ -345,7 +377,7 @@ class CrossImageAttentionPipeline(SDGlueMixin, DiffusionPipeline):
                     per_item(object_noun, "object_noun", num_pairs), per_item(domain_name, "domain_name", num_pairs)
                 )
             ]
-            noun_positions = self._object_noun_positions(prompts, object_nouns)
+            noun_positions = object_noun_positions(self.tokenizer, prompts, object_nouns)
 
         made_with = {
             "num_inference_steps": num_inference_steps,
@@ -408,19 +440,6 @@ class CrossImageAttentionPipeline(SDGlueMixin, DiffusionPipeline):
             for name, given in (("appearance_mask", appearance_mask), ("structure_mask", structure_mask))
         }
         return usable_pair_masks(list(zip(masks["appearance_mask"], masks["structure_mask"])))
-
-    def _object_noun_positions(self, prompts: list[str], object_nouns: list) -> list:
-        """Token positions of each pair's object noun in its prompt (self-segmentation scores clusters with them)."""
-        if None in object_nouns:
-            raise ValueError(
-                "`use_masked_adain=True` needs `domain_name` (or `object_noun`) to find the object, or both "
-                "`appearance_mask` and `structure_mask`; or pass `use_masked_adain=False`."
-            )
-        positions = [noun_token_positions(self.tokenizer, p, n) for p, n in zip(prompts, object_nouns)]
-        for found, p, n in zip(positions, prompts, object_nouns):
-            if not found:
-                raise ValueError(f"`object_noun` {n!r} does not occur in the prompt {p!r}.")
-        return positions
 
     def _check_inversion(self, inversion: InversionResult, name: str, prompts: list[str], settings: dict) -> None:
         """Refuse an inversion made with other settings than the call's (those it records, and its shapes)."""
@@ -551,8 +570,7 @@ class CrossImageAttentionPipeline(SDGlueMixin, DiffusionPipeline):
             raise TypeError("`image` must be an image or a list of images, got None.")
         num_inference_steps, skip_steps = self.check_schedule(num_inference_steps, skip_steps, height, width)
         guidance_scale = check_scale(guidance_scale, "guidance_scale")
-        if not isinstance(reference_freeu, bool):
-            raise TypeError(f"`reference_freeu` must be True or False, got {reference_freeu!r}.")
+        reference_freeu = check_bool(reference_freeu, "reference_freeu")
         prompts = self.default_prompts(prompt, domain_name, len(images))
         generators = generators_per_item(generator, len(images))
 
@@ -657,8 +675,8 @@ class CrossImageAttentionPipeline(SDGlueMixin, DiffusionPipeline):
             inversion_guidance_scale, reference_freeu, height, width, generator, output_type, callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        if not isinstance(return_reconstructions, bool):
-            raise TypeError(f"`return_reconstructions` must be True or False, got {return_reconstructions!r}.")
+        return_reconstructions = check_bool(return_reconstructions, "return_reconstructions")
+        return_dict = check_bool(return_dict, "return_dict")
         num_pairs, device = args.num_pairs, self._execution_device
 
         # 2. Invert the images that came without an inversion, pair after pair, appearance before structure (the

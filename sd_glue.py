@@ -17,11 +17,26 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def vae_scale_factor_of(vae) -> int:
-    """Pixels per latent pixel, for any diffusers VAE class (as `StableDiffusionPipeline` computes it)."""
+    """Pixels per latent pixel, for any diffusers VAE class (as `StableDiffusionPipeline` computes it).
+
+    Args:
+        vae: The VAE, or its config as a dict (read from `vae/config.json` before loading any weights).
+    """
     if vae is None:
         return 8
-    channels = getattr(vae.config, "block_out_channels", None) or vae.config.decoder_block_out_channels
+    config = vae.config if hasattr(vae, "config") else vae
+    channels = config.get("block_out_channels") or config["decoder_block_out_channels"]
     return 2 ** (len(channels) - 1)
+
+
+def size_multiple_of(vae_scale_factor: int, unet_config) -> int:
+    """Image sides must be multiples of this: the VAE factor times the UNet's downsampling.
+
+    Args:
+        vae_scale_factor: Pixels per latent pixel ([`vae_scale_factor_of`]).
+        unet_config: The UNet's config (a dict, also as read from `unet/config.json`).
+    """
+    return vae_scale_factor * 2 ** (len(unet_config["down_block_types"]) - 1)
 
 
 class SDGlueMixin:
@@ -30,7 +45,7 @@ class SDGlueMixin:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        return size_multiple_of(self.vae_scale_factor, self.unet.config)
 
     def check_prediction_type(self) -> None:
         """The UNet's output must be convertible to epsilon (checked before any model call)."""

@@ -128,6 +128,12 @@ def pair_segmentation_masks(
     Returns:
         Per pair, the `[h, w]` masks `(appearance, structure)`.
     """
+    # Non-finite latents (e.g. from a callback) give NaN attention; k-means would fail with sklearn's message.
+    if not all(torch.isfinite(captured[kind]).all() for kind in ("self", "cross")):
+        raise ValueError(
+            "Self-segmentation (`use_masked_adain`) got non-finite attention maps: the latents became NaN or "
+            "infinite (a `callback_on_step_end` result or too large scales); or pass masks."
+        )
     tokens = captured["self"].shape[-1]
     factor = math.sqrt(latent_grid[0] * latent_grid[1] / tokens)
     grid = (round(latent_grid[0] / factor), round(latent_grid[1] / factor))

@@ -125,7 +125,9 @@ def test_seed_repeats(first_run, pipe, cat_image, astronaut_image):
         ("cat", "cat", {"skip_steps": 6}, "`skip_steps` (6) must be smaller than `num_inference_steps`"),
         ("cat", "cat", {"height": 72}, "`height` must be a multiple of"),
         ("cat", "cat", {"adain_start": 5, "adain_end": 3}, "`adain_range` must satisfy 0 <= start <= end"),
-        ("cat", "cat", {"contrast_strength": -1.0}, "`contrast_strength` must be a finite number >= 0"),
+        ("cat", "cat", {"contrast_strength": -1.0}, "`contrast_strength` must be a finite number in [0, 100]"),
+        ("cat", "cat", {"num_timesteps": 10_000}, "must be at most 200 in this demo"),
+        ("cat", "cat", {"height": 8192}, "at most 1024 pixels in this demo"),
     ],
     ids=[
         "no-appearance",
@@ -138,6 +140,8 @@ def test_seed_repeats(first_run, pipe, cat_image, astronaut_image):
         "size",
         "range",
         "neg",
+        "steps-bound",
+        "size-bound",
     ],
 )
 def test_bad_input_is_a_readable_error(pipe, cat_image, appearance, structure, settings, expected):
@@ -156,6 +160,9 @@ def test_main_rejects_a_missing_model(tmp_path, capsys):
 def test_build_demo_from_a_model_folder(saved_sd_dir):
     demo = app.build_demo(saved_sd_dir, examples=False)
     assert isinstance(demo, gr.Blocks)
+    # The endpoint has a real name (not `/partial`), and old uploads are deleted.
+    assert [fn.api_name for fn in demo.fns.values() if fn.api_name] == ["transfer"]
+    assert demo.delete_cache == app.DELETE_UPLOADS
 
 
 # --------------------------------------------------------------------------------------------------------------------

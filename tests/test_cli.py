@@ -1,6 +1,7 @@
 """The command line interface, run in-process on the tiny saved model (and once through `python -m`)."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 
-from cross_image_attention import CrossImageAttentionPipeline, cli
+from cross_image_attention import CrossImageAttentionPipeline, InversionResult, cli
 from cross_image_attention.cli import build_parser, cache_key, main
 
 SIZE = 64
@@ -208,7 +209,7 @@ IMAGES = ["--app_image_path", "{app}", "--struct_image_path", "{struct}"]
         ([*IMAGES, "--num_timesteps", "-1"], "--num_timesteps must be >= 1, got -1"),
         ([*IMAGES, "--skip_steps", "6"], "--skip_steps (6) must be smaller than --num_timesteps"),
         ([*IMAGES, "--adain_range", "6", "2"], "--adain_range must satisfy 0 <= start <= end, got (6, 2)"),
-        ([*IMAGES, "--contrast_strength", "nan"], "--contrast_strength must be a finite number >= 0"),
+        ([*IMAGES, "--contrast_strength", "nan"], "--contrast_strength must be a finite number in [0, 100]"),
         ([*IMAGES, "--width", "0"], "--width must be positive"),
         ([*IMAGES, "--use_masked_adain", "true"], "--use_masked_adain needs --domain_name"),
         ([*IMAGES, "--model", "{tmp}/no_model"], "--model: no such folder: "),
@@ -225,21 +226,143 @@ def test_bad_input_is_one_error_line(saved_sd_dir, tmp_path, capsys, argv, messa
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
 
 
-def test_pipeline_errors_pass_through_as_one_line(saved_sd_dir, tmp_path, capsys):
-    args = cli_args(saved_sd_dir, tmp_path / "output", "--height", "65", domain=None)  # the bundled pair
+def one_error_line(capsys, message: str, alone: bool = True) -> str:
+    """The error line; `alone`: stderr holds nothing else (else, after loading a model, its progress bars)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], err
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in err, err
+    assert not alone or len(lines) == 1, err
+    return lines[-1]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Makes loading the weights a test failure: every check must run before it."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", load)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--height", "100"], "--height must be a multiple of 64, got 100"),
+        (["--width", "65"], "--width must be a multiple of 64, got 65"),
+        (["--seed", str(2**64)], "--seed must be in [0, 2**64 - 1]"),
+        (["--seed", "-1"], "--seed must be in [0, 2**64 - 1]"),
+        (["--num_timesteps", "1001"], "--num_timesteps must be at most 1000"),
+        (["--use_masked_adain", "--prompt", "A cat"], "--object_noun 'animal' does not occur in the prompt"),
+        (["--swap_guidance_scale", "1e300"], "--swap_guidance_scale must be a finite number in [0, 100]"),
+        (["--device", "meta"], "--device meta: the meta device holds no data"),
+    ],
+)  # fmt: skip
+def test_every_check_runs_before_the_model_loads(saved_sd_dir, tmp_path, capsys, no_model_load, argv, message):
+    output = tmp_path / "output"
+    assert main(cli_args(saved_sd_dir, output, *argv)) == 1  # the bundled pair
+    one_error_line(capsys, message)
+    assert not output.exists()  # and no empty output folder is left behind
+
+
+def test_flags_in_the_users_spelling(saved_sd_dir, tmp_path, capsys, no_model_load, monkeypatch):
+    (tmp_path / "file").write_text("in the way")
+    assert main(cli_args(saved_sd_dir, tmp_path / "file" / "out")) == 1
+    one_error_line(capsys, "--output_path: ")
+    assert main(cli_args(saved_sd_dir, tmp_path / "o", "--cache_dir", str(tmp_path / "file"))) == 1
+    one_error_line(capsys, "--cache_dir: ")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # the bundled images are then decompression bombs
+    assert main(cli_args(saved_sd_dir, tmp_path / "o")) == 1
+    one_error_line(capsys, "--app_image_path: image too large")
+
+
+def test_a_model_missing_from_the_offline_cache_is_one_line(tmp_path, capsys):
+    output = tmp_path / "output"
+    assert main(cli_args("nobody-cia-test/not-cached", output)) == 1
+    err = one_error_line(capsys, "--model: nobody-cia-test/not-cached is not in the local Hugging Face cache")
+    assert "stacktrace" not in err and "local copy" in err
+    assert not output.exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(saved_sd_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert main(cli_args(saved_sd_dir, tmp_path)) == 130
+    one_error_line(capsys, "interrupted")
+
+
+def test_non_finite_latents_are_an_error_not_a_black_image(first_run, tmp_path, capsys, monkeypatch):
+    from cross_image_attention import pipeline_cross_image
+
+    output = tmp_path / "output"
+    shutil.copytree(first_run.output / "inversions", output / "inversions")
+    monkeypatch.setattr(pipeline_cross_image, "adain_per_pair", lambda out, *args: out * math.inf)
+    args = cli_args(
+        first_run.model, output, "--seed", "7", "--load_latents", app=first_run.app, struct=first_run.struct
+    )
     assert main(args) == 1
+    one_error_line(capsys, "The denoised latents are not finite", alone=False)
+    assert not (output / "transfer.png").exists() and not (output / "strip.png").exists()
+
+
+def test_corrupt_cache_entries_are_reported_and_recomputed(first_run, rerun, invert_calls, capsys, tmp_path):
+    output = first_run.output
+    files = inversion_files(output)
+    # Truncate the appearance entry in rerun's copy, and leave an old `.partial` of a killed run beside it.
+    target = tmp_path / "output"
+    appearance = target / "inversions" / files["appearance"].name
+    appearance.write_bytes(appearance.read_bytes()[:100])
+    stale = target / "inversions" / f".{appearance.name}.0123.partial"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    rerun("--load_latents")
+    err = capsys.readouterr().err
+    assert "warning: ignoring the unreadable cached appearance inversion" in err
+    assert len(invert_calls) == 1 and not stale.exists()
+    assert InversionResult.load(appearance).batch_size == 1  # rewritten
+    np.testing.assert_array_equal(pixels(target / "transfer.png"), pixels(output / "transfer.png"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (appearance, target / "transfer.png", target / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_pipeline_errors_pass_through_as_one_line(saved_sd_dir, tmp_path, capsys, monkeypatch):
+    from cross_image_attention.pipeline_cross_image import CrossImageAttentionPipeline
+
+    def bad_call(self, **kwargs):
+        raise ValueError("`skip_steps` is wrong\nover two lines")
+
+    monkeypatch.setattr(CrossImageAttentionPipeline, "__call__", bad_call)
+    assert main(cli_args(saved_sd_dir, tmp_path / "output", domain=None)) == 1
     lines = capsys.readouterr().err.strip().splitlines()  # model loading prints its progress bar before
-    assert lines[-1].startswith("error: `height` must be a multiple of")
+    assert lines[-1] == "error: `skip_steps` is wrong over two lines"
     assert sum(line.startswith("error:") for line in lines) == 1
-    assert not any("Traceback" in line for line in lines)
 
 
-@pytest.mark.parametrize("argv", [["--dtype", "float64"], ["--use_masked_adain", "maybe"], ["--adain_range", "1"]])
-def test_argparse_rejects_malformed_options(capsys, argv):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["--use_masked_adain", "maybe"], "argument --use_masked_adain: expected true or false"),
+        (["--adain_range", "1"], "argument --adain_range: expected 2 arguments"),
+        (["--seed", "x"], "argument --seed: invalid int value"),
+        (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    ],
+)
+def test_argparse_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 1
+    one_error_line(capsys, message)
+
+
+def test_help_still_works(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--swap_guidance_scale" in capsys.readouterr().out
 
 
 def test_examples_are_small_and_licensed():

@@ -119,14 +119,35 @@ def test_stage_refuses_a_non_empty_folder_without_overwrite(tmp_path, capsys):
     output = tmp_path / "repo"
     (output / ".git").mkdir(parents=True)
     (output / "stale.py").write_text("")
+    (output / "pipeline.py").write_text("old")
     (output / "README.md").write_text("old card")
     assert hub.main(["stage", "--output", str(output)]) == 1
     assert "--overwrite" in error_line(capsys)
-    assert names(output) == {".git", "stale.py", "README.md"}
+    assert names(output) == {".git", "stale.py", "pipeline.py", "README.md"}
     assert hub.main(["stage", "--output", str(output), "--overwrite"]) == 0
+    assert "Removed 1 files of a previous staging that this one lacks: stale.py" in capsys.readouterr().out
     # Stale modules go, the staged files are replaced, anything else (a clone's `.git` folder) stays.
     assert names(output) == STAGED | {".git"}
     assert (output / "README.md").read_bytes() == (REPO_ROOT / "README.md").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [({"notes.txt": "mine"}, "holds files a staging does not write (notes.txt)"), ({"tool.py": ""}, "no pipeline.py")],
+)
+def test_overwrite_refuses_a_folder_that_is_not_a_staging(tmp_path, capsys, content, message):
+    output = tmp_path / "work"
+    output.mkdir()
+    for name, text in content.items():
+        (output / name).write_text(text)
+    assert hub.main(["stage", "--output", str(output), "--overwrite"]) == 1
+    assert message in error_line(capsys)
+    assert names(output) == set(content)  # nothing deleted
+
+
+def test_hub_argument_errors_are_one_line(capsys):
+    assert hub.main(["stage"]) == 1
+    assert "--output" in error_line(capsys)
 
 
 def test_stage_refuses_the_source_folder(source, capsys):
