@@ -615,15 +615,15 @@ def run(args: argparse.Namespace) -> None:
     print(f"Saved {transfer_path} and {strip_path}")
 
 
-# Subcommands with their own modules, imported only when used: `cross-image-attention batch ...`, `... hub ...`.
-SUBCOMMANDS = ("batch", "hub", "evaluate")
+# Subcommands and their modules, imported only when used: `cross-image-attention batch ...`, `... edit ...`.
+SUBCOMMANDS = {"batch": "batch", "hub": "hub", "evaluate": "evaluate", "edit": "cli_edit", "style": "cli_style"}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (1 with one `error:` line on stderr for bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])
+        return importlib.import_module(f".{SUBCOMMANDS[argv[0]]}", __package__).main(argv[1:])
     try:
         run(build_parser().parse_args(argv))
     except (ValueError, TypeError, OSError) as error:
