@@ -22,6 +22,7 @@ import csv
 import hashlib
 import json
 import os
+import platform
 import re
 import sys
 import time
@@ -29,6 +30,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import accelerate
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
@@ -191,14 +194,32 @@ def fingerprint(options: argparse.Namespace, pair: Pair) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def run_pair(pipe: CrossImageAttentionPipeline, options: argparse.Namespace, process_index: int) -> None:
+def numerics(device: torch.device, dtype: str) -> dict:
+    """What a row's numbers depend on besides its inputs and options, for its `config.json`.
+
+    The same inputs give the same bytes only on the same device (and GPU model), dtype and number of torch threads
+    (CPU reductions are split by thread), with the same library versions (`config.json` has the main ones).
+    """
+    info = {
+        "device": str(device),
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "machine": platform.machine(),
+        "accelerate": accelerate.__version__,
+        "numpy": np.__version__,
+    }
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return info
+
+
+def run_pair(pipe: CrossImageAttentionPipeline, options: argparse.Namespace, extra_config: dict) -> None:
     """Invert (or load) the pair, transfer, and write the outputs as the single-pair command does."""
     paths = (options.app_image_path, options.struct_image_path)
     images = (read_image(paths[0], "appearance"), read_image(paths[1], "structure"))
     # A batch always reuses cached inversions, so one appearance against many structures is inverted once.
-    transfer_pair(
-        pipe, options, paths, images, options.domain_name, options.cache_dir, True, {"process_index": process_index}
-    )
+    transfer_pair(pipe, options, paths, images, options.domain_name, options.cache_dir, True, extra_config)
 
 
 def process_pair(
@@ -223,7 +244,7 @@ def process_pair(
         # A changed row runs again: its old marker and error must not outlive the new attempt.
         marker.unlink(missing_ok=True)
         (folder / ERROR_FILE).unlink(missing_ok=True)
-        run_pair(pipe, pair_args, process_index)
+        run_pair(pipe, pair_args, {"process_index": process_index, "numerics": numerics(device, options.dtype)})
         write_atomically(marker, lambda path: Path(path).write_text(key + "\n"))
     except Exception as error:  # any failure, a model's included, fails this row only
         message = " ".join(f"{error}".split()) or type(error).__name__

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from cross_image_attention import CrossImageAttentionPipeline, batch, cli
 
@@ -128,6 +129,12 @@ def test_config_records_the_row(first_batch, images):
     assert config["swap_guidance_scale"] == 2.5 and config["seed"] == 7
     assert config["prompt"] == "A photo of a animal" and config["process_index"] == 0
     assert config["output_path"] == str(first_batch.output / DONE_ROWS[1])
+    # What the numbers depend on besides the inputs, so that two runs' differences can be told apart.
+    numerics = config["numerics"]
+    assert numerics["device"] == "cpu" and numerics["dtype"] == "float32"
+    assert numerics["torch_threads"] == torch.get_num_threads()
+    assert {"machine", "accelerate", "numpy", "deterministic_algorithms"} <= numerics.keys()
+    assert {"torch", "diffusers", "transformers", "python"} <= config["versions"].keys()
 
 
 def test_shared_appearance_is_inverted_once(first_batch, images):
