@@ -41,13 +41,15 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("inversions")
 
 
-def manifest_of(path: Path, images: Path, count: int) -> Path:
-    """`count` rows of the bundled pair, told apart by their swap guidance (so each row is a transfer only)."""
+def manifest_of(path: Path, images: Path, count: int, slow_rows: tuple = ()) -> Path:
+    """`count` rows of the bundled pair, told apart by their swap guidance (so each row is a transfer only); the
+    `slow_rows` take 40 steps (and invert the pair again), long enough to be caught running on any machine."""
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["appearance", "structure", "domain_name", "swap_guidance_scale"])
+        writer.writerow(["appearance", "structure", "domain_name", "swap_guidance_scale", "num_timesteps"])
         for row in range(count):
-            writer.writerow([images / "raccoon.jpg", images / "chelsea.jpg", "animal", 1.5 + row / 2])
+            steps = 40 if row in slow_rows else ""
+            writer.writerow([images / "raccoon.jpg", images / "chelsea.jpg", "animal", 1.5 + row / 2, steps])
     return path
 
 
@@ -219,7 +221,7 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(
     monkeypatch.setattr(batch, "load_pipeline", load_then_claim_row_0)
     manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 3)
     try:
-        code = batch.main(args_of(saved_sd_dir, manifest, output, cache, "--device", "cpu", "--claim_timeout", "1"))
+        code = batch.main(args_of(saved_sd_dir, manifest, output, cache, "--device", "cpu", "--claim_timeout", "2"))
         assert sleeper.poll() is None  # still alive: its claim was taken over for its age
     finally:
         sleeper.kill()
@@ -227,11 +229,12 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(
 
     assert code == 0
     err = capsys.readouterr().err
-    assert f"{folder_of(0)}: claimed by another run (host {host} pid {sleeper.pid}, claimed 0 s ago); waiting" in err
+    claimed = f"{folder_of(0)}: claimed by another run (host {host} pid {sleeper.pid}, claimed "
+    assert any(line.startswith(claimed) and line.endswith("; waiting for it") for line in err.splitlines()), err
     summary = read_json(output / "summary.json")
     assert statuses(summary) == ["done", "done", "done"]
     reasons = [pair["took_over"]["reason"] for pair in summary["pairs"]]
-    assert reasons == ["older than 1 s", "its process is gone", "older than 1 s"]
+    assert reasons == ["older than 2 s", "its process is gone", "older than 2 s"]
     for row in range(3):
         assert f"{folder_of(row)}: taking over the claim of host " in err
     assert list(output.glob("*/claim.json")) == []
@@ -296,7 +299,8 @@ def test_a_killed_process_leaves_its_rows_in_the_summary_and_a_claim_to_take_ove
     saved_sd_dir, pair_images, cache, tmp_path, capsys, without_model
 ):
     output = tmp_path / "output"
-    manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 4)  # rows 0-1 on process 0, rows 2-3 on process 1
+    # Rows 0-1 on process 0, rows 2-3 on process 1.
+    manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 4, slow_rows=(3,))
     launched = subprocess.Popen(
         [*launch_command(), *args_of(saved_sd_dir, manifest, output, cache)],
         stdout=subprocess.PIPE,
@@ -305,10 +309,12 @@ def test_a_killed_process_leaves_its_rows_in_the_summary_and_a_claim_to_take_ove
         env=launch_env(tmp_path),
         start_new_session=True,
     )
-    # Kill process 1 once it has finished row 2 and runs row 3 (its folder is made just before the row's claim).
+    # Kill process 1 once it has finished row 2 and runs row 3 (whose claim follows its folder at once).
     row_2_done, row_3 = output / folder_of(2) / "done", output / folder_of(3)
     wait_for(lambda: row_2_done.is_file() and row_3.is_dir(), launched, "process 1 runs row 3")
-    time.sleep(0.2)
+    deadline = time.monotonic() + 2
+    while not (row_3 / "claim.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.01)
     workers = psutil.Process(launched.pid).children(recursive=True)
     (worker,) = [worker for worker in workers if worker.environ().get("RANK") == "1"]
     worker.kill()
