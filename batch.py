@@ -9,11 +9,17 @@ relative to the manifest's folder. Every other option of the single-pair command
 
 Row `i` is written to its own folder `OUTPUT_PATH/{i:04d}_{appearance stem}__{structure stem}` (`transfer.png`,
 `strip.png`, `config.json`, then a `done` marker holding a hash of the row and the options); a folder whose marker
-matches is skipped, so a re-run resumes. A failed row leaves `error.txt` there and the others go on. Inversions
-are cached in `--cache_dir` under the single-pair command's keys and reused across pairs and runs.
+matches is skipped, so a re-run resumes. A failed row leaves `error.txt` there (when the folder can be written) and
+is reported on stderr and in the summary; the others go on. Inversions are cached in `--cache_dir` under the
+single-pair command's keys and reused across pairs and runs.
 
 Under `accelerate launch` each process takes its share of the rows with `PartialState.split_between_processes` on
-its own device; the main process prints the summary and writes it to `OUTPUT_PATH/summary.json`.
+its own device. Before a row runs, its process claims it by creating `claim.json` in the row's folder exclusively
+(host, pid, time), so that runs started at once on the same manifest and folders (on one machine or on several
+sharing storage) each compute a row once: a row claimed by another live run is left to it and waited for, and a
+claim whose owner is gone (same host) or older than `--claim_timeout` is taken over. Every settled row is merged
+into `OUTPUT_PATH/summary.json` at once (under a lock, written atomically), so a killed process loses no report of
+its finished rows; Ctrl-C or SIGTERM stops a process with one line on stderr and exit status 128 + the signal.
 """
 
 import argparse
@@ -22,13 +28,21 @@ import csv
 import hashlib
 import json
 import os
+import platform
 import re
+import secrets
+import signal
+import socket
 import sys
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import accelerate
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
@@ -71,6 +85,19 @@ REFUSED_OPTIONS = {
 }
 DONE_MARKER = "done"
 ERROR_FILE = "error.txt"
+CLAIM_FILE = "claim.json"
+SUMMARY_FILE = "summary.json"
+# A claim older than this is taken over even if its owner may be alive: longer than any row should take, since a
+# process on another machine can only be judged by the age of its claim.
+DEFAULT_CLAIM_TIMEOUT = 3600.0
+# The summary's lock is held for milliseconds: a holder that keeps it longer than this is taken to be stuck or gone.
+LOCK_TIMEOUT = 60.0
+# How often rows claimed by another run are looked at again, and how often a busy lock is tried again (seconds).
+WAIT_INTERVAL = 0.5
+LOCK_INTERVAL = 0.05
+# Statuses of a row: settled by a run (FINAL), or not (yet): claimed by another run, stopped by a signal, not reached.
+FINAL = ("done", "skipped", "failed")
+STATUSES = (*FINAL, "claimed", "interrupted", "pending")
 
 
 @dataclass
@@ -108,6 +135,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         allow_abbrev=False,  # or `--m` would be taken for --manifest instead of being ambiguous for the options
     )
     parser.add_argument("--manifest", type=Path, required=True, help="CSV file of the pairs")
+    parser.add_argument(
+        "--claim_timeout",
+        type=_positive_seconds,
+        default=DEFAULT_CLAIM_TIMEOUT,
+        metavar="SECONDS",
+        help="take over a row claimed by another run once its claim is this old, even if its owner may be alive "
+        f"(default: {DEFAULT_CLAIM_TIMEOUT:g}); a claim whose process is gone on this host is taken over at once",
+    )
     args, rest = parser.parse_known_args(argv)
 
     options_parser = build_parser()
@@ -119,7 +154,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(options, name) is not None:
             options_parser.error(f"--{name} is not a batch option: {reason}")
     options.manifest = args.manifest
+    options.claim_timeout = args.claim_timeout
     return options
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type for a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def read_manifest(path: Path) -> list[Pair]:
@@ -185,64 +232,509 @@ def fingerprint(options: argparse.Namespace, pair: Pair) -> str:
     The cells are hashed as written and the folders left out, so that moved folders still resume; so is the
     device.
     """
-    ignored = ("manifest", "output_path", "cache_dir", "device")
+    ignored = ("manifest", "output_path", "cache_dir", "device", "claim_timeout")
     settings = {name: value for name, value in vars(options).items() if name not in ignored}
     payload = json.dumps({"cells": pair.cells, "options": settings}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def run_pair(pipe: CrossImageAttentionPipeline, options: argparse.Namespace, process_index: int) -> None:
+def numerics(device: torch.device, dtype: str) -> dict:
+    """What a row's numbers depend on besides its inputs and options, for its `config.json`.
+
+    The same inputs give the same bytes only on the same device (and GPU model), dtype and number of torch threads
+    (CPU reductions are split by thread), with the same library versions (`config.json` has the main ones).
+    """
+    info = {
+        "device": str(device),
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "machine": platform.machine(),
+        "accelerate": accelerate.__version__,
+        "numpy": np.__version__,
+    }
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return info
+
+
+def run_pair(pipe: CrossImageAttentionPipeline, options: argparse.Namespace, extra_config: dict) -> None:
     """Invert (or load) the pair, transfer, and write the outputs as the single-pair command does."""
     paths = (options.app_image_path, options.struct_image_path)
     images = (read_image(paths[0], "appearance"), read_image(paths[1], "structure"))
     # A batch always reuses cached inversions, so one appearance against many structures is inverted once.
-    transfer_pair(
-        pipe, options, paths, images, options.domain_name, options.cache_dir, True, {"process_index": process_index}
-    )
+    transfer_pair(pipe, options, paths, images, options.domain_name, options.cache_dir, True, extra_config)
 
 
-def process_pair(
-    pipe: CrossImageAttentionPipeline,
-    options: argparse.Namespace,
-    pair: Pair,
-    device: torch.device,
-    process_index: int,
-) -> dict:
-    """Run one row unless its folder is done; any error fails this row only. Returns the row's summary entry."""
-    folder = options.output_path / pair.name
-    marker = folder / DONE_MARKER
-    key = fingerprint(options, pair)
-    entry = {"row": pair.index, "folder": pair.name, "process_index": process_index, "error": None}
-    if marker.is_file() and marker.read_text().strip() == key:
-        return {**entry, "status": "skipped"}
-    start = time.perf_counter()
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (some libraries' messages span several), or its type when it has none."""
+    return " ".join(f"{error}".split()) or type(error).__name__
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP), raised in the main thread; like KeyboardInterrupt not an `Exception`,
+    so that the handlers that fail one row let it through."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Raise `Stopped` on Ctrl-C, SIGTERM (torchrun stops the other workers with it when one fails) and SIGHUP while
+    the block runs, so that a stopped process still writes its summary; the previous handlers are restored after.
+    Signals that are ignored stay ignored (`nohup`, background jobs)."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set in the main thread
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, stop)
     try:
-        pair_args = pair_options(options, pair, device)
-        check_settings(pair_args, pair_args.domain_name)
-        folder.mkdir(parents=True, exist_ok=True)
-        # A changed row runs again: its old marker and error must not outlive the new attempt.
-        marker.unlink(missing_ok=True)
-        (folder / ERROR_FILE).unlink(missing_ok=True)
-        run_pair(pipe, pair_args, process_index)
-        write_atomically(marker, lambda path: Path(path).write_text(key + "\n"))
-    except Exception as error:  # any failure, a model's included, fails this row only
-        message = " ".join(f"{error}".split()) or type(error).__name__
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ERROR_FILE).write_text(f"{message}\n\n{traceback.format_exc()}")
-        tqdm.write(f"error: {pair.name}: {message}", file=sys.stderr)  # above the progress bar
-        return {**entry, "status": "failed", "error": message}
-    return {**entry, "status": "done", "seconds": round(time.perf_counter() - start, 3)}
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be restored
+                signal.signal(signum, handler)
 
 
-def summarize(results: list[dict], output_path: Path) -> None:
-    """Print the counts and the failed rows, and write them all to `summary.json`."""
-    counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}
-    (output_path / "summary.json").write_text(json.dumps({**counts, "pairs": results}, indent=2) + "\n")
-    print(f"{len(results)} pairs: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
-    for result in results:
-        if result["status"] == "failed":
-            print(f"  failed {result['folder']}: {result['error']}")
-    print(f"Summary in {output_path / 'summary.json'}")
+def ignore_stop_signals() -> None:
+    """Ignore further stop signals while a stopped process writes its summary: a terminal's Ctrl-C reaches every
+    process of a launched run, and torchrun then sends each the same signal again."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A process that claims rows, told apart from every other process on any machine.
+
+    Args:
+        host: The machine's name.
+        pid: The process id on that machine.
+        process_index: The process's index in its launched run (0 for a single process).
+        token: Random: tells this process from an earlier one that had the same pid.
+    """
+
+    host: str
+    pid: int
+    process_index: int
+    token: str
+
+    @classmethod
+    def this_process(cls, process_index: int) -> "Owner":
+        """The current process."""
+        return cls(socket.gethostname(), os.getpid(), process_index, secrets.token_hex(8))
+
+    def record(self) -> dict:
+        """The claim file's content: who, and since when (seconds since the epoch)."""
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "process_index": self.process_index,
+            "time": round(time.time(), 3),
+            "token": self.token,
+        }
+
+
+def public(record: dict) -> dict:
+    """A claim's record as the summary shows it (without the token)."""
+    return {key: value for key, value in record.items() if key != "token"}
+
+
+def describe(record: dict) -> str:
+    """`host H pid P, claimed N s ago`, for messages about a claim."""
+    age = time.time() - record["time"] if isinstance(record.get("time"), (int, float)) else None
+    since = f", claimed {age:.0f} s ago" if age is not None else ""
+    return f"host {record.get('host', '?')} pid {record.get('pid', '?')}{since}"
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether a process of this id runs on this machine (True when that cannot be told)."""
+    if not isinstance(pid, int) or pid <= 0 or os.name == "nt":  # on Windows os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def stale_reason(record: dict, path: Path, me: Owner, timeout: float) -> str | None:
+    """Why a claim no longer holds (its owner is gone, or it is too old), or None while its owner may work on."""
+    claimed_at = record.get("time")
+    if not isinstance(claimed_at, (int, float)):  # unreadable: judged by the file's age
+        with contextlib.suppress(OSError):
+            claimed_at = path.stat().st_mtime
+    if not isinstance(claimed_at, (int, float)) or time.time() - claimed_at > timeout:
+        return f"older than {timeout:g} s"
+    # A process id says something only on its own machine; this process's own id with another token is a former
+    # process (an earlier run in this interpreter, or an id reused after a restart).
+    if record.get("host") == me.host:
+        if record.get("pid") == me.pid and record.get("token") != me.token:
+            return "its process is gone"
+        if not pid_alive(record.get("pid")):
+            return "its process is gone"
+    return None
+
+
+def read_claim(path: Path) -> dict | None:
+    """A claim file's record: None when there is no claim, {} when it cannot be read (judged by its age then)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def create_exclusively(path: Path, record: dict) -> bool:
+    """Create `path` holding `record`, only if it does not exist (atomic, also on shared storage); False if it does."""
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(record, file)
+    except BaseException:  # a claim must not be left empty: it would be judged by its age only
+        path.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def discard_stale(path: Path, judged: dict) -> None:
+    """Move a stale claim out of the way. Two processes may judge the same claim stale: the second one's rename can
+    catch the first one's fresh claim, which it then puts back."""
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.stale")
+    try:
+        os.rename(path, aside)  # atomic: of the processes that try, one gets each version of the file
+    except FileNotFoundError:
+        return
+    moved = read_claim(aside)
+    aside.unlink(missing_ok=True)
+    if moved and moved != judged:
+        create_exclusively(path, moved)
+
+
+@dataclass
+class Claim:
+    """The outcome of `acquire`: held by this process (`holder` is this process's record) or by a live other.
+
+    Args:
+        acquired: Whether this process now holds the claim.
+        holder: The record of the process that holds it.
+        replaced: The stale claim that was taken over, with the reason, if any.
+    """
+
+    acquired: bool
+    holder: dict
+    replaced: dict | None = None
+
+
+def acquire(path: Path, me: Owner, timeout: float) -> Claim:
+    """Claim `path` for this process, taking over a stale claim; a live one is left to its owner."""
+    replaced = None
+    for _ in range(5):  # the file may be released or taken over by others between the steps: look again
+        record = me.record()
+        if create_exclusively(path, record):
+            return Claim(True, record, replaced)
+        holder = read_claim(path)
+        if holder is None:
+            continue
+        if holder.get("token") == me.token:  # left by this process (stopped between creating and using it)
+            return Claim(True, holder, replaced)
+        reason = stale_reason(holder, path, me, timeout)
+        if reason is None:
+            return Claim(False, holder)
+        replaced = {**public(holder), "reason": reason}
+        discard_stale(path, holder)
+    return Claim(False, read_claim(path) or {})
+
+
+def release(path: Path, me: Owner) -> None:
+    """Remove this process's claim (not one that another process has taken over meanwhile); never raises."""
+    with contextlib.suppress(OSError):
+        holder = read_claim(path)
+        if holder and holder.get("token") == me.token:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def locked(path: Path, me: Owner):
+    """Hold the lock file `path` while the block runs: a claim that is waited for, taken over after `LOCK_TIMEOUT`."""
+    while not acquire(path, me, LOCK_TIMEOUT).acquired:
+        time.sleep(LOCK_INTERVAL)
+    try:
+        yield
+    finally:
+        release(path, me)
+
+
+def read_summary(path: Path) -> list[dict]:
+    """The rows of a `summary.json`; none when it is missing or unreadable (it is rebuilt from the runs' rows)."""
+    try:
+        rows = json.loads(path.read_text()).get("pairs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [row for row in rows if isinstance(row, dict) and isinstance(row.get("row"), int)]
+
+
+def newest_settled(entry: dict) -> tuple:
+    """Merge order of two entries of one row: a settled row over one that is not, then the newer one."""
+    return entry.get("status") in FINAL, entry.get("time") or 0
+
+
+def merge_summary(output_path: Path, pairs: list[Pair], keys: dict[int, str], entries: list[dict], me: Owner) -> dict:
+    """Merge `entries` into `OUTPUT_PATH/summary.json` and return it: one entry for every row of the manifest.
+
+    For each row the entries of the same folder and `key` (row and options) compete, those already in the file and
+    the given ones: a settled entry wins over one that is not (claimed, interrupted), then the newer one; a row
+    without one is `pending`. Entries of other keys (an edited row) are dropped. Runs and processes merge one at a
+    time under a lock, and the file is replaced atomically, so none loses another's entries.
+
+    Args:
+        output_path: The batch's output folder.
+        pairs: The manifest's rows.
+        keys: Each row's `fingerprint`, by row index.
+        entries: This process's entries (or those gathered from a run's processes).
+        me: This process, as the lock's owner.
+    """
+    path = output_path / SUMMARY_FILE
+    with locked(output_path / f"{SUMMARY_FILE}.lock", me):
+        candidates = {}
+        for entry in [*read_summary(path), *entries]:
+            candidates.setdefault(entry["row"], []).append(entry)
+        rows = []
+        for pair in pairs:
+            current = [
+                entry
+                for entry in candidates.get(pair.index, [])
+                if entry.get("folder") == pair.name and entry.get("key") == keys[pair.index]
+            ]
+            pending = {"row": pair.index, "folder": pair.name, "status": "pending", "error": None}
+            rows.append(max(current, key=newest_settled) if current else {**pending, "key": keys[pair.index]})
+        counts = Counter(row["status"] for row in rows)
+        summary = {**{status: counts[status] for status in STATUSES}, "pairs": rows}
+        write_atomically(path, lambda partial: Path(partial).write_text(json.dumps(summary, indent=2) + "\n"))
+    return summary
+
+
+def marker_matches(marker: Path, key: str) -> bool:
+    """Whether the row's `done` marker holds `key` (its outputs are complete and current)."""
+    try:
+        return marker.read_text().strip() == key
+    except OSError:  # missing, or the folder is not a folder: not done
+        return False
+
+
+@dataclass
+class RowRunner:
+    """One process's part of a batch: its rows, run under claims, and their summary entries.
+
+    Args:
+        pipe: The loaded pipeline.
+        options: The batch's options.
+        pairs: All the manifest's rows (for the summary).
+        device: This process's device.
+        me: This process, as the owner of its claims.
+        entries: This process's summary entry of each row it has looked at, by row index.
+        current: The row being run, for the report of an interrupted run.
+        summary_failed: `summary.json` could not be written (reported once).
+
+    Its `keys` are each row's `fingerprint`, by row index.
+    """
+
+    pipe: CrossImageAttentionPipeline
+    options: argparse.Namespace
+    pairs: list[Pair]
+    device: torch.device
+    me: Owner
+    entries: dict[int, dict] = field(default_factory=dict)
+    current: Pair | None = None
+    summary_failed: bool = False
+
+    def __post_init__(self):
+        self.keys = {pair.index: fingerprint(self.options, pair) for pair in self.pairs}
+
+    def record(self, pair: Pair, status: str, **fields) -> str:
+        """Keep the row's entry and merge it into the summary at once (a killed process loses no finished row)."""
+        self.entries[pair.index] = {
+            "row": pair.index,
+            "folder": pair.name,
+            "status": status,
+            "error": None,
+            "process_index": self.me.process_index,
+            "host": self.me.host,
+            "pid": self.me.pid,
+            "time": round(time.time(), 3),
+            **fields,
+            "key": self.keys[pair.index],
+        }
+        self.current = None
+        self.save()
+        return status
+
+    def save(self) -> dict | None:
+        """Merge this process's entries into `summary.json`; a failure is reported once and never stops the rows."""
+        try:
+            return merge_summary(self.options.output_path, self.pairs, self.keys, [*self.entries.values()], self.me)
+        except Exception as error:  # e.g. a read-only or full output folder: the rows' own files still tell
+            if not self.summary_failed:
+                path = self.options.output_path / SUMMARY_FILE
+                tqdm.write(f"error: cannot write {path}: {one_line(error)}", sys.stderr)
+            self.summary_failed = True
+            return None
+
+    def run(self, share: list[Pair], show_progress: bool) -> None:
+        """Settle each row of `share`, then wait for those that other runs hold until they are settled."""
+        waiting = []
+        with tqdm(total=len(share), desc="pairs", unit="pair", disable=not show_progress) as bar:
+            for pair in share:
+                bar.set_postfix_str(pair.name)
+                if self.settle(pair) == "claimed":
+                    waiting.append(pair)
+                else:
+                    bar.update()
+            while waiting:
+                time.sleep(WAIT_INTERVAL)
+                for pair in list(waiting):
+                    # The other run's own entry (merged before its claim is released) then stands for the row.
+                    if self.settled_elsewhere(pair) or self.settle(pair, waited=True) != "claimed":
+                        waiting.remove(pair)
+                        bar.update()
+
+    def settled_elsewhere(self, pair: Pair) -> bool:
+        """Whether another run finished the row, or failed it since this process found it claimed."""
+        if marker_matches(self.options.output_path / pair.name / DONE_MARKER, self.keys[pair.index]):
+            return True
+        seen = self.entries[pair.index]["time"]
+        return any(
+            entry["row"] == pair.index
+            and entry.get("key") == self.keys[pair.index]
+            and entry.get("status") == "failed"
+            and (entry.get("time") or 0) > seen
+            for entry in read_summary(self.options.output_path / SUMMARY_FILE)
+        )
+
+    def settle(self, pair: Pair, waited: bool = False) -> str:
+        """Skip, run or fail one row, or find it claimed by another run; returns its status. Only a signal raises.
+
+        Args:
+            pair: The row.
+            waited: The row was found claimed before (reported then).
+        """
+        self.current = pair
+        folder = self.options.output_path / pair.name
+        marker, claim_path = folder / DONE_MARKER, folder / CLAIM_FILE
+        key = self.keys[pair.index]
+        try:
+            if marker_matches(marker, key):
+                return self.record(pair, "skipped")
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"the row's output folder is not a folder: {folder}")
+            folder.mkdir(parents=True, exist_ok=True)
+            claim = acquire(claim_path, self.me, self.options.claim_timeout)
+        except Exception as error:  # nothing was claimed: report the row and go on
+            return self.fail(pair, folder, error)
+        if not claim.acquired:
+            if waited:  # reported and recorded when first found
+                self.current = None
+                return "claimed"
+            tqdm.write(f"{pair.name}: claimed by another run ({describe(claim.holder)}); waiting for it", sys.stderr)
+            return self.record(pair, "claimed", claimed_by=public(claim.holder))
+        took_over = {}
+        if claim.replaced is not None:
+            reason = claim.replaced["reason"]
+            tqdm.write(f"{pair.name}: taking over the claim of {describe(claim.replaced)} ({reason})", sys.stderr)
+            took_over = {"took_over": claim.replaced}
+        start = time.perf_counter()
+        try:
+            if marker_matches(marker, key):  # finished by another run between the first look and the claim
+                return self.record(pair, "skipped")
+            pair_args = pair_options(self.options, pair, self.device)
+            check_settings(pair_args, pair_args.domain_name)
+            # A changed row runs again: its old marker and error must not outlive the new attempt.
+            marker.unlink(missing_ok=True)
+            (folder / ERROR_FILE).unlink(missing_ok=True)
+            extra = {"process_index": self.me.process_index, "numerics": numerics(self.device, self.options.dtype)}
+            run_pair(self.pipe, pair_args, extra)
+            write_atomically(marker, lambda path: Path(path).write_text(key + "\n"))
+            seconds = round(time.perf_counter() - start, 3)
+            return self.record(pair, "done", seconds=seconds, **took_over)
+        except Exception as error:  # any failure, a model's included, fails this row only
+            return self.fail(pair, folder, error, **took_over)
+        finally:
+            release(claim_path, self.me)  # also when a signal stops the row: a re-run takes it at once
+
+    def fail(self, pair: Pair, folder: Path, error: Exception, **fields) -> str:
+        """Report a failed row on stderr and in the summary, with `error.txt` in its folder where that can be
+        written; never raises (the folder may be a file, read-only or full)."""
+        message, details = one_line(error), traceback.format_exc()
+        try:
+            write_atomically(folder / ERROR_FILE, lambda path: Path(path).write_text(f"{message}\n\n{details}"))
+        except Exception as write_error:
+            message += f" (error.txt not written: {one_line(write_error)})"
+        with contextlib.suppress(Exception):
+            tqdm.write(f"error: {pair.name}: {message}", file=sys.stderr)  # above the progress bar
+        return self.record(pair, "failed", error=message, **fields)
+
+    def stop(self, cause: str) -> None:
+        """Write the summary of what finished when the process is stopped, with one line on stderr.
+
+        Args:
+            cause: What stopped it, for the line: `SIGINT`, or what went wrong.
+        """
+        if self.current is not None:
+            self.record(self.current, "interrupted")
+        counts = Counter(entry["status"] for entry in self.entries.values())
+        line = f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
+        if counts["claimed"]:
+            line += f", {counts['claimed']} left to other runs"
+        interrupted = [entry["folder"] for entry in self.entries.values() if entry["status"] == "interrupted"]
+        if interrupted:
+            line += f"; {', '.join(interrupted)} not finished"
+        where = "not written" if self.summary_failed else f"in {self.options.output_path / SUMMARY_FILE}"
+        print(f"stopped by {cause}: process {self.me.process_index}: {line}; summary {where}", file=sys.stderr)
+
+
+def finish(runner: RowRunner, results: list[dict], is_main_process: bool) -> int:
+    """On the main process, merge the run's rows into the summary and print what this run did, the rows that other
+    runs did, the failed rows and where the summary is. Returns the exit status: 1 if a row failed, else 0."""
+    failed = any(result["status"] == "failed" for result in results)
+    if not is_main_process:
+        return int(failed)
+    path = runner.options.output_path / SUMMARY_FILE
+    try:  # every process has merged its rows already; this adds nothing but makes sure
+        summary = merge_summary(runner.options.output_path, runner.pairs, runner.keys, results, runner.me)
+    except Exception as error:
+        print_error(OSError(f"cannot write {path}: {one_line(error)}"))
+        return 1
+    counts = Counter(result["status"] for result in results)
+    line = f"{len(results)} pairs: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
+    print(line + (f", {counts['claimed']} by other runs" if counts["claimed"] else ""))
+    for row in summary["pairs"]:
+        if row["status"] == "failed":
+            print(f"  failed {row['folder']}: {row['error']}")
+    print(f"Summary in {path}")
+    return int(failed or summary["failed"] > 0)
 
 
 def check_process_group(state: PartialState) -> None:
@@ -261,7 +753,7 @@ def print_error(error: Exception) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the batch; returns 0, or 1 if the setup or any row failed."""
+    """Run the batch; returns 0, 1 if the setup or any row failed, or 128 + the signal that stopped it."""
     options = parse_args(argv)
     if options.cache_dir is None:
         options.cache_dir = options.output_path / "inversions"
@@ -279,29 +771,40 @@ def main(argv: list[str] | None = None) -> int:
         if state.is_main_process:
             print_error(error)
         return 1
-    # The device and the model can fail on one process only: each reports its own error.
-    try:
-        device = check_device(options.device) if options.device is not None else state.device
-        for folder in (options.output_path, options.cache_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        pipe = load_pipeline(options.model, device, options.dtype)
-    except (ValueError, TypeError, OSError) as error:
-        print_error(error)
-        return 1
-    pipe.set_progress_bar_config(disable=True)  # one bar over the pairs instead
-
-    results = []
-    with state.split_between_processes(pairs) as share:
-        bar = tqdm(share, desc="pairs", unit="pair", disable=not state.is_local_main_process)
-        # The single-pair helpers print progress lines; through tqdm they do not break the bar.
-        with contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)):
-            for pair in bar:
-                bar.set_postfix_str(pair.name)
-                results.append(process_pair(pipe, options, pair, device, state.process_index))
-    results = sorted(gather_object(results), key=lambda result: result["row"])
-    if state.is_main_process:
-        summarize(results, options.output_path)
-    return int(any(result["status"] == "failed" for result in results))
+    me = Owner.this_process(state.process_index)
+    runner = None
+    with stop_signals_raise():
+        try:
+            # The device and the model can fail on one process only: each reports its own error.
+            try:
+                device = check_device(options.device) if options.device is not None else state.device
+                for folder in (options.output_path, options.cache_dir):
+                    folder.mkdir(parents=True, exist_ok=True)
+                pipe = load_pipeline(options.model, device, options.dtype)
+            except (ValueError, TypeError, OSError) as error:
+                print_error(error)
+                return 1
+            pipe.set_progress_bar_config(disable=True)  # one bar over the pairs instead
+            runner = RowRunner(pipe, options, pairs, device, me)
+            with state.split_between_processes(pairs) as share:
+                # The single-pair helpers print progress lines; through tqdm they do not break the bar.
+                with contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)):
+                    runner.run(share, show_progress=state.is_local_main_process)
+            try:
+                results = gather_object(list(runner.entries.values()))
+            except RuntimeError as error:  # another process of the run died: torchrun is about to stop this one
+                ignore_stop_signals()
+                runner.stop(f"the loss of another process ({one_line(error)[:200]})")
+                return 1
+            return finish(runner, sorted(results, key=lambda result: result["row"]), state.is_main_process)
+        except (KeyboardInterrupt, Stopped) as stop:  # KeyboardInterrupt: a SIGINT handler of the caller's
+            ignore_stop_signals()
+            signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+            if runner is None:
+                print(f"stopped by {signal.Signals(signum).name} before any row ran", file=sys.stderr)
+            else:
+                runner.stop(signal.Signals(signum).name)
+            return 128 + signum
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from cross_image_attention import CrossImageAttentionPipeline, batch, cli
 
@@ -47,6 +48,23 @@ def batch_args(model, manifest, output, *extra) -> list:
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def launch_command(processes: int = 2) -> list:
+    """`accelerate launch` of the batch on `processes` CPU processes (with `launch_env`)."""
+    # accelerate starts several local processes with torchrun (`--multi_gpu`); ACCELERATE_USE_CPU puts them on CPUs
+    # (as its `debug_launcher` does).
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "-m", "cross_image_attention.batch",
+    ]  # fmt: skip
+
+
+def launch_env(tmp_path) -> dict:
+    """The environment of `launch_command`: CPU processes, and a private HF_HOME that keeps this machine's
+    accelerate config out."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf_home")}
 
 
 def pixels(path) -> np.ndarray:
@@ -128,6 +146,12 @@ def test_config_records_the_row(first_batch, images):
     assert config["swap_guidance_scale"] == 2.5 and config["seed"] == 7
     assert config["prompt"] == "A photo of a animal" and config["process_index"] == 0
     assert config["output_path"] == str(first_batch.output / DONE_ROWS[1])
+    # What the numbers depend on besides the inputs, so that two runs' differences can be told apart.
+    numerics = config["numerics"]
+    assert numerics["device"] == "cpu" and numerics["dtype"] == "float32"
+    assert numerics["torch_threads"] == torch.get_num_threads()
+    assert {"machine", "accelerate", "numpy", "deterministic_algorithms"} <= numerics.keys()
+    assert {"torch", "diffusers", "transformers", "python"} <= config["versions"].keys()
 
 
 def test_shared_appearance_is_inverted_once(first_batch, images):
@@ -223,32 +247,41 @@ def test_argparse_refuses_options(tmp_path, capsys, argv):
 
 def test_accelerate_splits_the_rows_between_two_processes(saved_sd_dir, images, tmp_path):
     rows = [row for row in ROWS if row[0] != "missing.png" and row[3] != "many"]
+    rows.insert(1, ["raccoon.jpg", "chelsea.jpg", "animal", "", "1.5"])
     rows.append(["astronaut.png", "chelsea.jpg", "person", "", ""])
     manifest = write_manifest(tmp_path / "pairs.csv", [[images / row[0], images / row[1], *row[2:]] for row in rows])
     output = tmp_path / "output"
-    # accelerate starts several local processes with torchrun (`--multi_gpu`); ACCELERATE_USE_CPU puts them on CPUs
-    # (as its `debug_launcher` does). A private HF_HOME keeps this machine's accelerate config out.
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "-m", "cross_image_attention.batch",
-    ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf_home")}
+    # A file where row 1's folder should be fails that row only: the handler that reports it used to fail too (it
+    # made the folder), which stopped both processes.
+    output.mkdir()
+    (output / "0001_raccoon__chelsea").write_text("in the way\n")
     result = subprocess.run(
-        [*launch, *batch_args(saved_sd_dir, manifest, output)], capture_output=True, text=True, env=env, timeout=300
+        [*launch_command(), *batch_args(saved_sd_dir, manifest, output)],
+        capture_output=True,
+        text=True,
+        env=launch_env(tmp_path),
+        timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
 
     summary = read_json(output / "summary.json")
-    assert (summary["done"], summary["skipped"], summary["failed"]) == (4, 0, 0)
-    assert [pair["row"] for pair in summary["pairs"]] == [0, 1, 2, 3]  # each row once
-    # accelerate's contiguous split: rows 0-1 on process 0, rows 2-3 on process 1.
-    assert [pair["process_index"] for pair in summary["pairs"]] == [0, 0, 1, 1]
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (4, 0, 1)
+    assert [pair["row"] for pair in summary["pairs"]] == [0, 1, 2, 3, 4]  # each row once
+    # accelerate's contiguous split: rows 0-2 on process 0, rows 3-4 on process 1.
+    assert [pair["process_index"] for pair in summary["pairs"]] == [0, 0, 0, 1, 1]
+    failed = summary["pairs"][1]
+    assert failed["status"] == "failed" and "not a folder" in failed["error"]
+    assert "error.txt not written" in failed["error"]
+    assert f"error: 0001_raccoon__chelsea: {failed['error']}" in result.stderr
+    # No traceback of the batch (the launcher prints its own report of a process that exits with status 1).
+    assert "batch.py" not in result.stderr
     for pair in summary["pairs"]:
-        folder = output / pair["folder"]
-        assert (folder / "done").is_file()
-        assert read_json(folder / "config.json")["process_index"] == pair["process_index"]
+        if pair["row"] != 1:
+            folder = output / pair["folder"]
+            assert pair["status"] == "done" and (folder / "done").is_file()
+            assert not (folder / "claim.json").exists()
+            assert read_json(folder / "config.json")["process_index"] == pair["process_index"]
     assert sorted(os.listdir(output)) == sorted(
         [pair["folder"] for pair in summary["pairs"]] + ["inversions", "summary.json"]
     )
-    assert result.stdout.count("4 pairs: 4 done, 0 skipped, 0 failed") == 1  # printed by the main process only
+    assert result.stdout.count("5 pairs: 4 done, 0 skipped, 1 failed") == 1  # printed by the main process only
