@@ -49,6 +49,18 @@ PROG = "cross-image-attention hub"
 SOURCE = Path(__file__).resolve().parent
 # diffusers looks for this exact file name in a `custom_pipeline` folder or repository.
 ENTRY_POINT = "pipeline.py"
+# One code-only Hub repository per technique: its pipeline file (staged as `pipeline.py`) and what its model card's
+# front matter says differently from README.md's (the base model users load it with, the task).
+ENTRIES = {
+    ENTRY_POINT: {},
+    "pipeline_prompt_editing.py": {"pipeline_tag": "image-to-image", "tags": ["free-prompt-editing"]},
+    "pipeline_style_prompting.py": {"pipeline_tag": "text-to-image", "tags": ["visual-style-prompting"]},
+    "pipeline_style_prompting_xl.py": {
+        "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+        "pipeline_tag": "text-to-image",
+        "tags": ["visual-style-prompting", "stable-diffusion-xl"],
+    },
+}
 MODEL_CARD = "README.md"
 LICENSE = "LICENSE"
 # Front matter keys the Hub needs to show and index the repository as a diffusers pipeline on top of SD 1.5.
@@ -98,18 +110,21 @@ def relative_imports(module_file: Path) -> list[str]:
     return sorted(modules)
 
 
-def pipeline_modules(source: Path) -> list[str]:
-    """File names of `pipeline.py` and of every sibling module it imports, directly or through other siblings.
+def pipeline_modules(source: Path, entry: str = ENTRY_POINT) -> list[str]:
+    """File names of the entry file and of every sibling module it imports, directly or through other siblings.
 
     Hub loading follows relative imports recursively, but loading a local folder copies only the modules named in
-    `pipeline.py` itself. A module reached only through another one would work from the Hub and fail from the staged
-    folder, so `pipeline.py` must import every module directly.
+    the entry file itself. A module reached only through another one would work from the Hub and fail from the staged
+    folder, so the entry file must import every module directly.
+
+    Args:
+        entry: The pipeline file staged as `pipeline.py` (one of `ENTRIES`).
     """
-    entry_point = source / ENTRY_POINT
+    entry_point = source / entry
     if not entry_point.is_file():
-        raise HubError(f"{entry_point} not found: diffusers needs a file named exactly {ENTRY_POINT}")
+        raise HubError(f"{entry_point} not found: diffusers needs a pipeline file, staged as {ENTRY_POINT}")
     direct = relative_imports(entry_point)
-    importers = {name: ENTRY_POINT for name in direct}
+    importers = {name: entry for name in direct}
     pending = list(direct)
     while pending:
         name = pending.pop()
@@ -117,17 +132,17 @@ def pipeline_modules(source: Path) -> list[str]:
         if not module_file.is_file():
             raise HubError(f"{importers[name]} imports `.{name}` but {module_file} does not exist")
         for imported in relative_imports(module_file):
-            if imported not in importers and imported != Path(ENTRY_POINT).stem:
+            if imported not in importers and imported != Path(entry).stem:
                 importers[imported] = module_file.name
                 pending.append(imported)
     indirect = sorted(set(importers) - set(direct))
     if indirect:
         missing = ", ".join(f"`.{name}` (imported by {importers[name]})" for name in indirect)
         raise HubError(
-            f"{ENTRY_POINT} must import every sibling module itself, since diffusers copies only its relative "
+            f"{entry} must import every sibling module itself, since diffusers copies only its relative "
             f"imports when loading a local folder; add a `from .module import ...` line for {missing}"
         )
-    return [ENTRY_POINT, *sorted(f"{name}.py" for name in importers)]
+    return [entry, *sorted(f"{name}.py" for name in importers)]
 
 
 def check_model_card(readme: Path) -> ModelCard:
@@ -190,14 +205,21 @@ def prepare_output(output: Path, overwrite: bool, source: Path, files: list[str]
     return []
 
 
-def stage(output: Path, overwrite: bool = False, source: Path = SOURCE) -> StagedRepo:
-    """Copy `pipeline.py`, its sibling modules, the model card and the licence from `source` into `output`.
+def stage(output: Path, overwrite: bool = False, source: Path = SOURCE, entry: str = ENTRY_POINT) -> StagedRepo:
+    """Copy the entry file (as `pipeline.py`), its sibling modules, the model card and the licence from `source` into
+    `output`.
 
     Everything is checked before the output folder is touched, so a failure leaves it as it was.
+
+    Args:
+        entry: The technique's pipeline file, a key of `ENTRIES`; its card gets that entry's front matter.
     """
+    if entry not in ENTRIES:
+        raise HubError(f"--entry must be one of {', '.join(ENTRIES)}, got {entry!r}")
     source = Path(source).resolve()
     output = Path(output)
-    modules = pipeline_modules(source)
+    entry_file, *siblings = pipeline_modules(source, entry)
+    modules = [ENTRY_POINT, *siblings]
     for name in (MODEL_CARD, LICENSE):
         if not (source / name).is_file():
             raise HubError(
@@ -207,8 +229,13 @@ def stage(output: Path, overwrite: bool = False, source: Path = SOURCE) -> Stage
     card = check_model_card(source / MODEL_CARD)
     files = [*modules, MODEL_CARD, LICENSE]
     removed = prepare_output(output, overwrite, source, files)
-    for name in files:
+    shutil.copyfile(source / entry_file, output / ENTRY_POINT)
+    for name in files[1:]:
         shutil.copyfile(source / name, output / name)
+    if ENTRIES[entry]:
+        for field, value in ENTRIES[entry].items():
+            setattr(card.data, field, value if field != "tags" else [*(card.data.tags or []), *value])
+        card.save(output / MODEL_CARD)
     base_model = card.data.base_model
     # `base_model` may be a list in the card; the first entry is the one to load the pipeline with.
     if isinstance(base_model, list):
@@ -223,6 +250,7 @@ def push(
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     private: bool = False,
     source: Path = SOURCE,
+    entry: str = ENTRY_POINT,
 ) -> tuple[CommitInfo, StagedRepo]:
     """Stage into a temporary folder and upload it as the model repository `repo_id` (created if missing).
 
@@ -238,7 +266,7 @@ def push(
     if not token:
         raise HubError(NO_TOKEN)
     with tempfile.TemporaryDirectory(prefix="cross-image-attention-hub-") as folder:
-        staged = stage(Path(folder), source=source)
+        staged = stage(Path(folder), source=source, entry=entry)
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
@@ -299,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{stage,push}")
     source_help = "folder holding pipeline.py, README.md and LICENSE (default: the folder of this module)"
+    entry_help = f"pipeline file staged as pipeline.py, one repository per technique: {', '.join(ENTRIES)}"
 
     stage_parser = commands.add_parser("stage", help="copy the Hub repository's files into a folder")
     stage_parser.add_argument("--output", type=Path, required=True, help="folder to stage into")
@@ -309,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hidden entries such as .git are kept; a folder holding anything else is refused)",
     )
     stage_parser.add_argument("--source", type=Path, default=SOURCE, help=source_help)
+    stage_parser.add_argument("--entry", default=ENTRY_POINT, help=f"{entry_help} (default: {ENTRY_POINT})")
 
     push_parser = commands.add_parser("push", help="stage into a temporary folder and upload it to the Hub")
     push_parser.add_argument("--repo-id", required=True, help='model repository, e.g. "you/cross-image-attention"')
@@ -321,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--private", action="store_true", help="create the repository as private (an existing one is left as is)"
     )
     push_parser.add_argument("--source", type=Path, default=SOURCE, help=source_help)
+    push_parser.add_argument("--entry", default=ENTRY_POINT, help=f"{entry_help} (default: {ENTRY_POINT})")
     return parser
 
 
@@ -338,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "stage":
-            staged = stage(args.output, overwrite=args.overwrite, source=args.source)
+            staged = stage(args.output, overwrite=args.overwrite, source=args.source, entry=args.entry)
             print_staged(staged)
             print(
                 f'Load it with custom_pipeline="{staged.folder}", trust_remote_code=True, or upload it with '
@@ -352,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 commit_message=args.commit_message,
                 private=args.private,
                 source=args.source,
+                entry=args.entry,
             )
             print(f"Uploaded {len(staged.files)} files to {args.repo_id}: {', '.join(staged.files)}")
             print(f"Commit {commit.oid}: {commit.commit_url}")

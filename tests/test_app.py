@@ -160,8 +160,8 @@ def test_main_rejects_a_missing_model(tmp_path, capsys):
 def test_build_demo_from_a_model_folder(saved_sd_dir):
     demo = app.build_demo(saved_sd_dir, examples=False)
     assert isinstance(demo, gr.Blocks)
-    # The endpoint has a real name (not `/partial`), and old uploads are deleted.
-    assert [fn.api_name for fn in demo.fns.values() if fn.api_name] == ["transfer"]
+    # The endpoints (one per tab) have real names (not `/partial`), and old uploads are deleted.
+    assert [fn.api_name for fn in demo.fns.values() if fn.api_name] == ["transfer", "edit", "style"]
     assert demo.delete_cache == app.DELETE_UPLOADS
 
 
@@ -322,3 +322,20 @@ def test_api_command_line_and_demo_agree_on_one_input(pipe, saved_sd_dir, tmp_pa
     # The test can fail: the empty prompt (the API's default before) gives another image.
     other = pipe(astronaut_image, cat_image, prompt="", generator=torch.Generator().manual_seed(5), **settings)
     assert np.abs((other.images[0] * 255).round().astype(int) - through_api).max() > 2
+
+
+def test_edit_and_style_tabs_run_on_the_loaded_weights(pipe, cat_image):
+    editing, style = app.sister_pipelines(pipe)
+    assert editing.unet is pipe.unet and style.unet is pipe.unet and style.vae is pipe.vae
+    edited = app.run_prompt_edit(editing, cat_image, "", "a photo of a tiger", 2, 0.5, 0)
+    assert isinstance(edited, PIL.Image.Image) and edited.size == (512, 512)
+    images = app.run_style_prompting(style, "low-poly", "A dog", None, "", 1, 2)
+    assert len(images) == 2 and all(isinstance(image, PIL.Image.Image) for image in images)
+    # The UNet's processors are the user's again after both.
+    assert all(type(p).__name__ != "ControlledAttnProcessor" for p in pipe.unet.attn_processors.values())
+    with pytest.raises(gr.Error, match="target prompt"):
+        app.run_prompt_edit(editing, cat_image, "", "  ", 2, 0.5, 0)
+    with pytest.raises(gr.Error, match="Describe the reference image"):
+        app.run_style_prompting(style, "low-poly", "", cat_image, "", 1, 2)
+    with pytest.raises(gr.Error, match="Images must be from 1 to 8"):
+        app.run_style_prompting(style, "low-poly", "", None, "", 0, 2)

@@ -301,3 +301,42 @@ def test_runs_as_package_module(monkeypatch, capsys):
         runpy.run_module("cross_image_attention.hub", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 1
     assert "cannot reach the Hugging Face Hub" in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "entry, class_name, siblings, base_model",
+    [
+        (
+            "pipeline_prompt_editing.py",
+            "FreePromptEditingPipeline",
+            {"attention_control.py", "attention_processors.py", "ddim_inversion.py", "inputs.py", "sd_glue.py"},
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ),
+        (
+            "pipeline_style_prompting_xl.py",
+            "StylePromptingXLPipeline",
+            {"attention_control.py", "attention_processors.py", "inputs.py", "sd_glue.py", "style_prompting.py"},
+            "stabilityai/stable-diffusion-xl-base-1.0",
+        ),
+    ],
+)
+def test_stage_one_repo_per_technique(entry, class_name, siblings, base_model, tmp_path, saved_sd_dir, monkeypatch):
+    staged = hub.stage(tmp_path / "repo", entry=entry)
+    assert set(staged.files) == {"pipeline.py", *siblings, "README.md", "LICENSE"}
+    assert (tmp_path / "repo" / "pipeline.py").read_bytes() == (REPO_ROOT / entry).read_bytes()
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert card.data.base_model == staged.base_model == base_model
+    assert card.data.library_name == "diffusers"
+    if entry == "pipeline_prompt_editing.py":  # loads through custom_pipeline as that technique's pipeline
+        for name in [name for name in sys.modules if name.startswith("diffusers_modules.local.")]:
+            monkeypatch.delitem(sys.modules, name)
+        pipe = DiffusionPipeline.from_pretrained(
+            saved_sd_dir, custom_pipeline=str(tmp_path / "repo"), trust_remote_code=True, safety_checker=None
+        )
+        assert type(pipe).__name__ == class_name
+
+
+def test_stage_refuses_an_unknown_entry(tmp_path, capsys):
+    assert hub.main(["stage", "--output", str(tmp_path / "repo"), "--entry", "cli.py"]) == 1
+    assert "--entry must be one of pipeline.py" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
