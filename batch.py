@@ -50,6 +50,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib import DummyTqdmFile
 
 from .cli import (
+    OneLineParser,
+    UsageError,
     build_parser,
     check_device,
     check_model,
@@ -121,8 +123,9 @@ def _safe_stem(path: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """`--manifest` and the single-pair command line's global options (argparse exits with status 2 on errors)."""
-    parser = argparse.ArgumentParser(
+    """`--manifest` and the single-pair command line's global options; a malformed command line raises `UsageError`
+    (one line, as the single-pair command's)."""
+    parser = OneLineParser(
         prog="cross-image-attention batch",
         usage="%(prog)s --manifest CSV [options of cross-image-attention]",
         description="Appearance transfer for every row of a CSV manifest with the columns "
@@ -754,7 +757,11 @@ def print_error(error: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the batch; returns 0, 1 if the setup or any row failed, or 128 + the signal that stopped it."""
-    options = parse_args(argv)
+    try:
+        options = parse_args(argv)
+    except UsageError as error:
+        print_error(error)
+        return 1
     if options.cache_dir is None:
         options.cache_dir = options.output_path / "inversions"
     # `accelerate launch --cpu` (and CPU process groups, see the README) say so in the environment, which an
