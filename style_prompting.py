@@ -13,6 +13,7 @@ authors' code that the defaults reproduce are named where they are reproduced (n
 """
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -307,7 +308,8 @@ def check_color_calibration(color_calibration, real: bool) -> tuple[float, float
         raise ValueError("`color_calibration` needs a `reference_image` (it is part of the real-image flow).")
     if not isinstance(color_calibration, (tuple, list)) or len(color_calibration) != 2:
         raise TypeError(f"`color_calibration` must be a (start, end) pair of timesteps, got {color_calibration!r}.")
-    start, end = (check_scale(value, "color_calibration") for value in color_calibration)
+    # Timesteps, not scales: any finite value (the window simply never opens beyond the schedule).
+    start, end = (check_scale(value, "color_calibration", maximum=math.inf) for value in color_calibration)
     if start <= end:
         raise ValueError(f"`color_calibration` must be (start, end) with start > end, got {color_calibration!r}.")
     return start, end
