@@ -7,9 +7,12 @@ The manifest has a header row with the columns `appearance`, `structure` and `do
 `OPTIONAL_COLUMNS`, whose non-empty cells replace the global option of the same name for that row. Image paths are
 relative to the manifest's folder. Every other option of the single-pair command line applies to all pairs.
 
-Row `i` is written to its own folder `OUTPUT_PATH/{i:04d}_{appearance stem}__{structure stem}` (`transfer.png`,
-`strip.png`, `config.json`, then a `done` marker holding a hash of the row and the options); a folder whose marker
-matches is skipped, so a re-run resumes. A failed row leaves `error.txt` there (when the folder can be written) and
+Each row is written to the folder `OUTPUT_PATH/{appearance stem}__{structure stem}_{key}` (`transfer.png`,
+`strip.png`, `config.json`, then a `done` marker holding the key), where the key hashes what determines the outputs:
+the row's cells, the options and the bytes of both images; a folder whose marker matches is skipped, so a re-run
+resumes, also after rows were inserted, removed or reordered. A finished folder that no row's key names any more (an
+image replaced, a row or option edited) is moved to `OUTPUT_PATH/stale/` and reported, as changed when a row with the
+same cells remains. A failed row leaves `error.txt` there (when the folder can be written) and
 is reported on stderr and in the summary; the others go on. Inversions are cached in `--cache_dir` under the
 single-pair command's keys and reused across pairs and runs.
 
@@ -45,7 +48,7 @@ import accelerate
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object, parse_flag_from_env
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 from tqdm.contrib import DummyTqdmFile
 
@@ -89,6 +92,10 @@ DONE_MARKER = "done"
 ERROR_FILE = "error.txt"
 CLAIM_FILE = "claim.json"
 SUMMARY_FILE = "summary.json"
+# Where finished folders that match no row of the manifest go, so that none of them passes for a current output.
+STALE_FOLDER = "stale"
+# Hex digits of the key in a folder's name: 48 bits, so two rows of one manifest do not share a folder by chance.
+NAME_KEY_LENGTH = 12
 # A claim older than this is taken over even if its owner may be alive: longer than any row should take, since a
 # process on another machine can only be judged by the age of its claim.
 DEFAULT_CLAIM_TIMEOUT = 3600.0
@@ -104,16 +111,26 @@ STATUSES = (*FINAL, "claimed", "interrupted", "pending")
 
 @dataclass
 class Pair:
-    """One manifest row: its index among the rows and its cells by column (empty cells left out)."""
+    """One manifest row.
+
+    Args:
+        index: The row's index among the manifest's rows.
+        cells: Its cells by column (empty cells left out).
+        images: The sha256 of each image file's bytes by column (None when it cannot be read), set by `key_rows`.
+        key: The `fingerprint` of the row, set by `key_rows`.
+    """
 
     index: int
     cells: dict[str, str]
+    images: dict[str, str | None] = field(default_factory=dict)
+    key: str = ""
 
     @property
     def name(self) -> str:
-        """The output folder's name: unique by the index, readable by the image file names."""
+        """The output folder's name: named by the key, not the row's position, so that inserting or removing rows
+        leaves the other rows' folders as they are; readable by the image file names."""
         stems = [_safe_stem(self.cells.get(column, "")) for column in ("appearance", "structure")]
-        return f"{self.index:04d}_{stems[0]}__{stems[1]}"
+        return f"{stems[0]}__{stems[1]}_{self.key[:NAME_KEY_LENGTH]}"
 
 
 def _safe_stem(path: str) -> str:
@@ -129,8 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="cross-image-attention batch",
         usage="%(prog)s --manifest CSV [options of cross-image-attention]",
         description="Appearance transfer for every row of a CSV manifest with the columns "
-        f"{', '.join(REQUIRED_COLUMNS)} (image paths relative to the manifest's folder). Row N is written to "
-        "OUTPUT_PATH/NNNN_APPEARANCE__STRUCTURE; rows already done are skipped. Under `accelerate launch` the "
+        f"{', '.join(REQUIRED_COLUMNS)} (image paths relative to the manifest's folder). Each row is written to "
+        "OUTPUT_PATH/APPEARANCE__STRUCTURE_KEY (KEY: a hash of the row, the options and the images); rows already "
+        "done are skipped, finished folders of changed rows moved to OUTPUT_PATH/stale. Under `accelerate launch` the "
         "processes share the rows.",
         epilog="All other options of `cross-image-attention` (run `cross-image-attention --help`) apply to every "
         f"pair, except {', '.join('--' + name for name in REFUSED_OPTIONS)}. The manifest's optional columns "
@@ -230,15 +248,110 @@ def pair_options(options: argparse.Namespace, pair: Pair, device: torch.device) 
 
 
 def fingerprint(options: argparse.Namespace, pair: Pair) -> str:
-    """A hash of the row's cells and of the options that change results, for the `done` marker.
+    """A hash of what determines the row's outputs: its cells, the options that change results and the bytes of its
+    images (`pair.images`), for its folder's name and its `done` marker.
 
     The cells are hashed as written and the folders left out, so that moved folders still resume; so is the
     device.
     """
     ignored = ("manifest", "output_path", "cache_dir", "device", "claim_timeout")
     settings = {name: value for name, value in vars(options).items() if name not in ignored}
-    payload = json.dumps({"cells": pair.cells, "options": settings}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {"cells": pair.cells, "images": pair.images, "options": settings}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def file_hash(path: Path) -> str | None:
+    """The sha256 of a file's bytes; None when it cannot be read (the row then fails when it reads the image)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def key_rows(options: argparse.Namespace, pairs: list[Pair]) -> None:
+    """Hash each row's images and set its `images` and `key`; an image shared by many rows is read once.
+
+    Args:
+        options: The batch's options (the manifest's folder and the options that change results).
+        pairs: The manifest's rows.
+    """
+    hashes = {}
+    for pair in pairs:
+        for column in ("appearance", "structure"):
+            path = options.manifest.parent / pair.cells.get(column, "")
+            if column not in pair.cells:  # the row fails on its empty cell: its folder's key needs no file
+                pair.images[column] = None
+                continue
+            if path not in hashes:
+                hashes[path] = file_hash(path)
+            pair.images[column] = hashes[path]
+        pair.key = fingerprint(options, pair)
+
+
+def read_marker(marker: Path) -> dict | None:
+    """A `done` marker's record (`key`, `cells`, `images`); None when it is missing or unreadable (not done).
+
+    Markers of earlier versions hold the bare key: read as a record without cells.
+    """
+    try:
+        text = marker.read_text()
+    except OSError:  # missing, or the folder is not a folder
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {"key": text.strip()}
+    return record if isinstance(record, dict) else {"key": text.strip()}
+
+
+def retire_stale(output_path: Path, pairs: list[Pair]) -> dict[int, dict]:
+    """Move every finished folder of `output_path` that no row of the manifest names to `output_path/stale/`, with
+    one line on stderr each, so that no finished folder there stands for other inputs than its row's.
+
+    Returns what changed for each row whose cells match such a folder's (the same row, its images or options since
+    changed), by row index: `was`, where the old outputs went, and `inputs`, the changed images or `options`.
+
+    Args:
+        output_path: The batch's output folder.
+        pairs: The manifest's rows, keyed.
+    """
+    current = {pair.name for pair in pairs}
+    changed = {}
+    try:
+        folders = sorted(path for path in output_path.iterdir() if path.name not in current and path.is_dir())
+    except OSError:
+        return changed
+    for folder in folders:
+        record = read_marker(folder / DONE_MARKER)
+        if record is None:  # not finished: nothing there passes for an output
+            continue
+        target = output_path / STALE_FOLDER / folder.name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():  # retired before under the same name: keep both
+                target = target.with_name(f"{folder.name}.{secrets.token_hex(4)}")
+            os.rename(folder, target)
+        except FileNotFoundError:  # moved by another run of the same manifest meanwhile
+            continue
+        except OSError as error:
+            print_error(OSError(f"cannot move the stale folder {folder} to {target}: {one_line(error)}"))
+            continue
+        was = f"{STALE_FOLDER}/{target.name}"
+        rows = [pair for pair in pairs if pair.cells == record.get("cells")]
+        for pair in rows:
+            images = record.get("images") if isinstance(record.get("images"), dict) else {}
+            inputs = [f"{column} image" for column in pair.images if images.get(column) != pair.images[column]]
+            changed[pair.index] = {"was": was, "inputs": inputs or ["options"]}
+            print(f"{pair.name}: {', '.join(inputs or ['options'])} changed since {was} was finished", file=sys.stderr)
+        if not rows:
+            print(f"{was}: finished for a row no longer in the manifest (moved from {folder.name})", file=sys.stderr)
+    return changed
 
 
 def numerics(device: torch.device, dtype: str) -> dict:
@@ -542,10 +655,8 @@ def merge_summary(output_path: Path, pairs: list[Pair], keys: dict[int, str], en
 
 def marker_matches(marker: Path, key: str) -> bool:
     """Whether the row's `done` marker holds `key` (its outputs are complete and current)."""
-    try:
-        return marker.read_text().strip() == key
-    except OSError:  # missing, or the folder is not a folder: not done
-        return False
+    record = read_marker(marker)
+    return record is not None and record.get("key") == key
 
 
 @dataclass
@@ -558,6 +669,7 @@ class RowRunner:
         pairs: All the manifest's rows (for the summary).
         device: This process's device.
         me: This process, as the owner of its claims.
+        changed: What `retire_stale` found changed for rows since their folders were finished, by row index.
         entries: This process's summary entry of each row it has looked at, by row index.
         current: The row being run, for the report of an interrupted run.
         summary_failed: `summary.json` could not be written (reported once).
@@ -570,12 +682,13 @@ class RowRunner:
     pairs: list[Pair]
     device: torch.device
     me: Owner
+    changed: dict[int, dict] = field(default_factory=dict)
     entries: dict[int, dict] = field(default_factory=dict)
     current: Pair | None = None
     summary_failed: bool = False
 
     def __post_init__(self):
-        self.keys = {pair.index: fingerprint(self.options, pair) for pair in self.pairs}
+        self.keys = {pair.index: pair.key for pair in self.pairs}
 
     def record(self, pair: Pair, status: str, **fields) -> str:
         """Keep the row's entry and merge it into the summary at once (a killed process loses no finished row)."""
@@ -591,6 +704,8 @@ class RowRunner:
             **fields,
             "key": self.keys[pair.index],
         }
+        if pair.index in self.changed:
+            self.entries[pair.index]["changed"] = self.changed[pair.index]
         self.current = None
         self.save()
         return status
@@ -679,7 +794,9 @@ class RowRunner:
             (folder / ERROR_FILE).unlink(missing_ok=True)
             extra = {"process_index": self.me.process_index, "numerics": numerics(self.device, self.options.dtype)}
             run_pair(self.pipe, pair_args, extra)
-            write_atomically(marker, lambda path: Path(path).write_text(key + "\n"))
+            # The cells and image hashes let a later run tell which row's inputs changed once the key no longer does.
+            record = {"key": key, "cells": pair.cells, "images": pair.images}
+            write_atomically(marker, lambda path: Path(path).write_text(json.dumps(record) + "\n"))
             seconds = round(time.perf_counter() - start, 3)
             return self.record(pair, "done", seconds=seconds, **took_over)
         except Exception as error:  # any failure, a model's included, fails this row only
@@ -774,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         check_settings(options, domain_name="(per row)")
         check_model(options.model)
         pairs = read_manifest(options.manifest)
+        key_rows(options, pairs)
     except (ValueError, OSError) as error:
         if state.is_main_process:
             print_error(error)
@@ -792,7 +910,11 @@ def main(argv: list[str] | None = None) -> int:
                 print_error(error)
                 return 1
             pipe.set_progress_bar_config(disable=True)  # one bar over the pairs instead
-            runner = RowRunner(pipe, options, pairs, device, me)
+            # One process retires the stale folders (before any row runs, so none is moved while it is written) and
+            # tells the others which rows changed.
+            changed = retire_stale(options.output_path, pairs) if state.is_main_process else {}
+            changed = broadcast_object_list([changed])[0]
+            runner = RowRunner(pipe, options, pairs, device, me, changed)
             with state.split_between_processes(pairs) as share:
                 # The single-pair helpers print progress lines; through tqdm they do not break the bar.
                 with contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)):

@@ -32,7 +32,7 @@ ROWS = [
     ["raccoon.jpg", "chelsea.png", "animal", "7", ""],
     ["raccoon.jpg", "chelsea.jpg", "animal", "many", ""],
 ]
-DONE_ROWS = {0: "0000_raccoon__chelsea", 1: "0001_raccoon__astronaut", 3: "0003_raccoon__chelsea"}
+DONE_ROWS = {0: "raccoon__chelsea_", 1: "raccoon__astronaut_", 3: "raccoon__chelsea_"}  # each folder's name begins
 FAILED_ROWS = {2: "appearance: no such file: ", 4: "row 4: seed: invalid value 'many'"}
 
 
@@ -44,6 +44,14 @@ def write_manifest(path: Path, rows: list, header: list = HEADER) -> Path:
 
 def batch_args(model, manifest, output, *extra) -> list:
     return ["--manifest", str(manifest), "--model", str(model), "--output_path", str(output), *FAST, *extra]
+
+
+def folders_of(argv: list) -> list:
+    """The output folder of each row of a batch command line's manifest, as the batch names it."""
+    options = batch.parse_args(argv)
+    pairs = batch.read_manifest(options.manifest)
+    batch.key_rows(options, pairs)
+    return [pair.name for pair in pairs]
 
 
 def read_json(path) -> dict:
@@ -130,7 +138,7 @@ def test_every_row_is_done_or_reported_failed(first_batch):
     for pair in summary["pairs"]:
         folder = first_batch.output / pair["folder"]
         if pair["row"] in DONE_ROWS:
-            assert (pair["status"], pair["folder"]) == ("done", DONE_ROWS[pair["row"]])
+            assert pair["status"] == "done" and pair["folder"].startswith(DONE_ROWS[pair["row"]])
             assert {"transfer.png", "strip.png", "config.json", "done"} <= set(os.listdir(folder))
             assert not (folder / "error.txt").exists()
         else:
@@ -140,12 +148,13 @@ def test_every_row_is_done_or_reported_failed(first_batch):
 
 
 def test_config_records_the_row(first_batch, images):
-    config = read_json(first_batch.output / DONE_ROWS[1] / "config.json")
+    folder = folders_of(batch_args(first_batch.model, first_batch.manifest, first_batch.output))[1]
+    config = read_json(first_batch.output / folder / "config.json")
     assert config["app_image_path"] == str(images / "raccoon.jpg")
     assert config["struct_image_path"] == str(images / "astronaut.png")
     assert config["swap_guidance_scale"] == 2.5 and config["seed"] == 7
     assert config["prompt"] == "A photo of a animal" and config["process_index"] == 0
-    assert config["output_path"] == str(first_batch.output / DONE_ROWS[1])
+    assert config["output_path"] == str(first_batch.output / folder)
     # What the numbers depend on besides the inputs, so that two runs' differences can be told apart.
     numerics = config["numerics"]
     assert numerics["device"] == "cpu" and numerics["dtype"] == "float32"
@@ -174,7 +183,7 @@ def test_rows_equal_the_single_pair_command(first_batch, images, tmp_path, row, 
     single = ["--app_image_path", str(app), "--struct_image_path", str(struct), "--domain_name", "animal"]
     model = ["--model", str(first_batch.model), "--output_path", str(output), "--device", "cpu"]
     assert cli.main([*single, *model, *FAST, *extra]) == 0
-    folder = first_batch.output / DONE_ROWS[row]
+    folder = first_batch.output / folders_of(batch_args(first_batch.model, first_batch.manifest, output))[row]
     for name in ("transfer.png", "strip.png"):
         np.testing.assert_array_equal(pixels(folder / name), pixels(output / name))
     # Same cache keys: the single-pair command and the batch share their inversions.
@@ -201,6 +210,48 @@ def test_changed_row_runs_again_from_the_cache(rerun, invert_calls, first_batch,
         1: "done",
         3: "skipped",
     }
+
+
+def test_a_replaced_image_runs_its_row_again_and_is_reported(first_batch, images, tmp_path, invert_calls, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("raccoon.jpg", "chelsea.jpg", "astronaut.png"):
+        shutil.copy(images / name, folder)
+    output = tmp_path / "output"
+    shutil.copytree(first_batch.output / "inversions", output / "inversions")  # the pairs are transfers only
+    args = batch_args(first_batch.model, write_manifest(folder / "pairs.csv", ROWS[:2]), output, "--device", "cpu")
+    assert batch.main(args) == 0
+    before = folders_of(args)
+    shutil.copy(images / "chelsea.png", folder / "chelsea.jpg")  # other bytes under the same name
+    capsys.readouterr()
+    assert batch.main(args) == 0
+
+    after = folders_of(args)
+    assert after[0] != before[0] and after[1] == before[1]
+    summary = read_json(output / "summary.json")
+    assert [pair["status"] for pair in summary["pairs"]] == ["done", "skipped"]
+    assert summary["pairs"][0]["changed"] == {"was": f"stale/{before[0]}", "inputs": ["structure image"]}
+    assert f"{after[0]}: structure image changed since stale/{before[0]} was finished" in capsys.readouterr().err
+    # The old transfer is kept aside, where it does not pass for the row's; the new one is row 3's of the first run.
+    assert sorted(os.listdir(output)) == sorted([*after, "inversions", "stale", "summary.json"])
+    assert os.listdir(output / "stale") == [before[0]]
+    row_3 = first_batch.output / folders_of(batch_args(first_batch.model, first_batch.manifest, output))[3]
+    np.testing.assert_array_equal(pixels(output / after[0] / "transfer.png"), pixels(row_3 / "transfer.png"))
+    assert invert_calls == []
+
+
+def test_a_row_inserted_at_the_top_runs_alone(rerun, invert_calls, first_batch, images, tmp_path):
+    rows = [["raccoon.jpg", "chelsea.jpg", "animal", "", "1.5"], *ROWS]
+    code, summary = rerun(write_manifest(images / "inserted.csv", rows))
+    assert code == 1 and invert_calls == []
+    statuses = [pair["status"] for pair in summary["pairs"]]
+    assert statuses == ["done", "skipped", "skipped", "failed", "skipped", "failed"]
+    assert not any("changed" in pair for pair in summary["pairs"])
+    # Every finished folder is a row's: none is left over from the rows' former positions.
+    output = tmp_path / "output"
+    finished = {path.parent.name for path in output.glob("*/done")}
+    assert finished == {pair["folder"] for pair in summary["pairs"] if pair["status"] in ("done", "skipped")}
+    assert not (output / "stale").exists()
 
 
 @pytest.mark.parametrize(
@@ -253,7 +304,8 @@ def test_accelerate_splits_the_rows_between_two_processes(saved_sd_dir, images, 
     # A file where row 1's folder should be fails that row only: the handler that reports it used to fail too (it
     # made the folder), which stopped both processes.
     output.mkdir()
-    (output / "0001_raccoon__chelsea").write_text("in the way\n")
+    in_the_way = folders_of(batch_args(saved_sd_dir, manifest, output))[1]
+    (output / in_the_way).write_text("in the way\n")
     result = subprocess.run(
         [*launch_command(), *batch_args(saved_sd_dir, manifest, output)],
         capture_output=True,
@@ -271,7 +323,7 @@ def test_accelerate_splits_the_rows_between_two_processes(saved_sd_dir, images, 
     failed = summary["pairs"][1]
     assert failed["status"] == "failed" and "not a folder" in failed["error"]
     assert "error.txt not written" in failed["error"]
-    assert f"error: 0001_raccoon__chelsea: {failed['error']}" in result.stderr
+    assert f"error: {in_the_way}: {failed['error']}" in result.stderr
     # No traceback of the batch (the launcher prints its own report of a process that exits with status 1).
     assert "batch.py" not in result.stderr
     for pair in summary["pairs"]:

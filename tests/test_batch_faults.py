@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_batch import batch_args, launch_command, launch_env, read_json
+from test_batch import batch_args, folders_of, launch_command, launch_env, read_json
 
 from cross_image_attention import batch, cli
 
@@ -51,10 +51,6 @@ def manifest_of(path: Path, images: Path, count: int, slow_rows: tuple = ()) -> 
             steps = 40 if row in slow_rows else ""
             writer.writerow([images / "raccoon.jpg", images / "chelsea.jpg", "animal", 1.5 + row / 2, steps])
     return path
-
-
-def folder_of(row: int) -> str:
-    return f"{row:04d}_raccoon__chelsea"
 
 
 def args_of(model, manifest, output, cache, *extra) -> list:
@@ -132,11 +128,12 @@ def test_a_row_folder_turning_read_only_fails_that_row_only(
     saved_sd_dir, pair_images, cache, tmp_path, monkeypatch, capsys, without_model
 ):
     output = tmp_path / "output"
+    manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 3)
+    folder_of = folders_of(args_of(saved_sd_dir, manifest, output, cache)).__getitem__
     broken = output / folder_of(1)
     read_only = emulate_read_only(monkeypatch, broken)
     # Row 1's folder turns read-only once the row has started: its outputs, and then its error.txt, cannot be written.
     without_model.append(lambda options: options.output_path == broken and read_only.set())
-    manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 3)
     code = batch.main(args_of(saved_sd_dir, manifest, output, cache, "--device", "cpu"))
     read_only.clear()
 
@@ -156,10 +153,11 @@ def test_a_stopped_run_writes_the_summary_of_what_finished(
 ):
     output = tmp_path / "output"
     stop = getattr(signal, name)
+    manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 3)
+    folder_of = folders_of(args_of(saved_sd_dir, manifest, output, cache)).__getitem__
     # Ctrl-C (or torchrun's SIGTERM) while row 1 runs.
     stopped = output / folder_of(1)
     without_model.append(lambda options: options.output_path == stopped and signal.raise_signal(stop))
-    manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 3)
 
     class Escaped(Exception):
         pass
@@ -197,6 +195,8 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(
     saved_sd_dir, pair_images, cache, tmp_path, monkeypatch, capsys, without_model
 ):
     output = tmp_path / "output"
+    manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 3)
+    folder_of = folders_of(args_of(saved_sd_dir, manifest, output, cache)).__getitem__
     host = socket.gethostname()
     finished = subprocess.Popen(["true"])
     finished.wait()
@@ -219,7 +219,6 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(
         return pipe
 
     monkeypatch.setattr(batch, "load_pipeline", load_then_claim_row_0)
-    manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 3)
     try:
         code = batch.main(args_of(saved_sd_dir, manifest, output, cache, "--device", "cpu", "--claim_timeout", "2"))
         assert sleeper.poll() is None  # still alive: its claim was taken over for its age
@@ -267,6 +266,7 @@ def test_two_runs_on_one_manifest_compute_each_row_once(
     output = tmp_path / "output"
     rows = 8
     manifest = manifest_of(tmp_path / "pairs.csv", pair_images, rows)
+    folder_of = folders_of(args_of(saved_sd_dir, manifest, output, cache)).__getitem__
     # Run A on two processes; run B in this process (with the stand-in), started once A computes.
     launched = subprocess.Popen(
         [*launch_command(), *args_of(saved_sd_dir, manifest, output, cache)],
@@ -275,7 +275,7 @@ def test_two_runs_on_one_manifest_compute_each_row_once(
         text=True,
         env=launch_env(tmp_path),
     )
-    wait_for(lambda: any(path.is_dir() for path in output.glob("0*")), launched, "run A starts a row")
+    wait_for(lambda: any(path.is_dir() for path in output.glob("raccoon__*")), launched, "run A starts a row")
     code = batch.main(args_of(saved_sd_dir, manifest, output, cache, "--device", "cpu"))
     out_a, err_a = launched.communicate(timeout=300)
     out_b = capsys.readouterr().out
@@ -301,6 +301,7 @@ def test_a_killed_process_leaves_its_rows_in_the_summary_and_a_claim_to_take_ove
     output = tmp_path / "output"
     # Rows 0-1 on process 0, rows 2-3 on process 1.
     manifest = manifest_of(tmp_path / "pairs.csv", pair_images, 4, slow_rows=(3,))
+    folder_of = folders_of(args_of(saved_sd_dir, manifest, output, cache)).__getitem__
     launched = subprocess.Popen(
         [*launch_command(), *args_of(saved_sd_dir, manifest, output, cache)],
         stdout=subprocess.PIPE,
