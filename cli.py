@@ -10,7 +10,10 @@ Inversions are cached as safetensors files named by a hash of the image file's b
 changes the inversion, never by file name; `--load_latents` reuses them.
 """
 
+from __future__ import annotations  # annotations name torch and PIL types, imported only where used
+
 import argparse
+import ast
 import hashlib
 import importlib
 import io
@@ -25,26 +28,19 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import diffusers
-import numpy as np
-import PIL.Image
-import torch
-import transformers
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .inputs import check_size, load_image
-from .inversion import InversionResult, skip_trajectory_draws
-from .pipeline_cross_image import (
-    CrossImageAttentionPipeline,
-    call_defaults,
-    check_schedule_length,
-    check_steps,
-    check_transfer_settings,
-    needs_segmentation,
-    object_noun_positions,
-)
-from .sd_glue import size_multiple_of, vae_scale_factor_of
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
+
+    from .inversion import InversionResult
+    from .pipeline_cross_image import CrossImageAttentionPipeline
+
+# torch, diffusers, transformers and the pipeline are imported inside the functions that use them: parsing the command
+# line (and `--help`) needs none of them, and they take seconds to import.
 
 EXAMPLES = Path(__file__).parent / "examples"
 # The bundled pair (sources and licences in examples/LICENSE.md): a raccoon's look on Chelsea the cat.
@@ -53,9 +49,30 @@ EXAMPLE_STRUCTURE = EXAMPLES / "chelsea.jpg"
 EXAMPLE_DOMAIN = "animal"
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a `--dtype` name."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def signature_defaults(module_file: Path, class_name: str, method: str = "__call__") -> dict:
+    """The literal defaults of ``class_name.method``, read from the module's source without importing it (so that
+    the command line's `--help` needs no torch). `tests/test_cli.py` checks they equal the imported signature's."""
+    tree = ast.parse(module_file.read_text(encoding="utf-8"))
+    cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name)
+    function = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == method)
+    arguments = function.args
+    positional = arguments.args[len(arguments.args) - len(arguments.defaults) :]
+    pairs = [*zip(positional, arguments.defaults), *zip(arguments.kwonlyargs, arguments.kw_defaults)]
+    return {argument.arg: ast.literal_eval(default) for argument, default in pairs if default is not None}
+
+
 # Every default is the pipeline's (the reference's values); nothing is restated here.
-DEFAULTS = call_defaults()
+DEFAULTS = signature_defaults(Path(__file__).parent / "pipeline_cross_image.py", "CrossImageAttentionPipeline")
 # The reference inverts with this classifier-free guidance scale; it is a constant there, not an option.
 INVERSION_GUIDANCE_SCALE = DEFAULTS["inversion_guidance_scale"]
 # The reference's seed (its `RunConfig` default); the pipeline itself has none.
@@ -96,12 +113,8 @@ class OneLineParser(argparse.ArgumentParser):
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """`--model`, `--device` and `--dtype`, shared by the command line and the demo."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available, else cpu)",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default: float32)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype (default: float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +211,8 @@ def in_flag_words(error: Exception) -> ValueError:
 
 def check_settings(args: argparse.Namespace, domain_name: str | None) -> None:
     """Reject bad values before the model is loaded, with the pipeline's own checks, naming the flag."""
+    from .pipeline_cross_image import check_steps, check_transfer_settings
+
     try:
         check_steps(args.num_timesteps, args.skip_steps)
         check_transfer_settings(
@@ -222,9 +237,13 @@ def check_settings(args: argparse.Namespace, domain_name: str | None) -> None:
         )
 
 
-def check_device(name: str) -> torch.device:
-    """The torch device; an unknown name, a missing CUDA or a device that holds no data (`meta`) is an error
-    rather than a traceback later."""
+def check_device(name: str | None) -> torch.device:
+    """The torch device (None: cuda if available, else cpu); an unknown name, a missing CUDA or a device that holds
+    no data (`meta`) is an error rather than a traceback later."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -283,6 +302,17 @@ def read_model_configs(model: str) -> dict:
 def check_model_settings(args: argparse.Namespace, domain_name: str | None) -> None:
     """The checks that depend on the model, from its configs and tokenizer only, before its weights are loaded:
     the size multiple, the schedule length and, for masked AdaIN, the object noun in the prompt."""
+    import transformers
+
+    from .inputs import check_size
+    from .pipeline_cross_image import (
+        CrossImageAttentionPipeline,
+        check_schedule_length,
+        needs_segmentation,
+        object_noun_positions,
+    )
+    from .sd_glue import size_multiple_of, vae_scale_factor_of
+
     configs = read_model_configs(args.model)
     try:
         multiple = size_multiple_of(vae_scale_factor_of(configs["vae"]), configs["unet"])
@@ -318,6 +348,8 @@ def check_model(model: str) -> None:
 def read_image(path: Path, flag: str) -> tuple[bytes, PIL.Image.Image]:
     """The file's bytes (for the cache key) and the RGB image decoded from those same bytes by
     [`~inputs.load_image`] (EXIF orientation applied, 16-bit and grayscale files converted)."""
+    from .inputs import load_image
+
     if not path.exists():
         raise ValueError(f"{flag}: no such file: {path}")
     if not path.is_file():
@@ -359,9 +391,11 @@ def cache_key(image_bytes: bytes, role: str, settings: dict) -> str:
 
 def load_pipeline(model: str, device: str | torch.device, dtype: str) -> CrossImageAttentionPipeline:
     """The model as a `CrossImageAttentionPipeline` (its scheduler becomes DDIM), in the dtype, on the device."""
+    from .pipeline_cross_image import CrossImageAttentionPipeline
+
     pipe = CrossImageAttentionPipeline.from_pretrained(
         model,
-        dtype=DTYPES[dtype],  # diffusers >= 0.40 name; `torch_dtype` is deprecated
+        dtype=torch_dtype(dtype),  # diffusers >= 0.40 name; `torch_dtype` is deprecated
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -424,6 +458,8 @@ def remove_stale_partials(folder: Path) -> None:
 
 def load_cached(path: Path, role: str) -> InversionResult | None:
     """The cached inversion, or None after reporting a corrupt or truncated file (it is then recomputed)."""
+    from .inversion import InversionResult
+
     try:
         inversion = InversionResult.load(path)
     except ValueError as error:
@@ -447,6 +483,10 @@ def invert_or_load(
     Both images draw their noise from one generator, appearance first, as in the reference. A structure inverted
     after a cached appearance therefore first skips the appearance's draws, so its noise equals an uncached run's.
     """
+    import torch
+
+    from .inversion import skip_trajectory_draws
+
     (app_image, struct_image), (app_path, struct_path) = images, cache_paths
     remove_stale_partials(app_path.parent)
     generator = torch.Generator().manual_seed(args.seed)
@@ -498,6 +538,9 @@ def transfer(
 def strip_image(output) -> PIL.Image.Image:
     """The reference's strip `[structure | appearance | transfer]` of the first pair (the first two panels are the
     pipeline's reconstructions)."""
+    import numpy as np
+    import PIL.Image
+
     panels = [output.structure_reconstructions[0], output.appearance_reconstructions[0], output.images[0]]
     return PIL.Image.fromarray(np.concatenate([np.asarray(panel) for panel in panels], axis=1))
 
@@ -512,6 +555,10 @@ def save_outputs(output, folder: Path) -> tuple[Path, Path]:
 
 def write_config(path: Path, args: argparse.Namespace, resolved: dict) -> None:
     """Every option (with the defaults filled in) and the library versions, as JSON."""
+    import diffusers
+    import torch
+    import transformers
+
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     config.update(resolved)
     config["versions"] = {
@@ -543,6 +590,8 @@ def transfer_pair(
         reuse: Load inversions that are already in `cache_dir` (else invert and overwrite them).
         extra_config: More entries for `config.json`.
     """
+    from .pipeline_cross_image import CrossImageAttentionPipeline
+
     (app_bytes, app_image), (struct_bytes, struct_image) = images
     prompt = CrossImageAttentionPipeline.default_prompts(args.prompt, domain_name, 1)[0]
     settings = inversion_settings(args, prompt)
@@ -621,6 +670,9 @@ SUBCOMMANDS = {"batch": "batch", "hub": "hub", "evaluate": "evaluate", "edit": "
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (1 with one `error:` line on stderr for bad input)."""
+    # transformers' notices (e.g. that torchvision is missing, which these pipelines do not need) are not the
+    # command's business; a user's own TRANSFORMERS_VERBOSITY wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         return importlib.import_module(f".{SUBCOMMANDS[argv[0]]}", __package__).main(argv[1:])

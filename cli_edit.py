@@ -17,7 +17,15 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from .cli import DTYPES, add_model_options, check_device, check_model, read_image, write_atomically, write_config
+from .cli import (
+    add_model_options,
+    check_device,
+    check_model,
+    read_image,
+    torch_dtype,
+    write_atomically,
+    write_config,
+)
 from .ddim_inversion import DDIMInversionResult
 from .pipeline_prompt_editing import FreePromptEditingPipeline
 
@@ -115,7 +123,7 @@ def load_edit_pipeline(model: str, device: str | torch.device, dtype: str) -> Fr
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     """
     pipe = FreePromptEditingPipeline.from_pretrained(
-        model, dtype=DTYPES[dtype], safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        model, dtype=torch_dtype(dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     return pipe.to(device)
 

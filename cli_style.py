@@ -22,7 +22,7 @@ import PIL.Image
 import torch
 from diffusers import ControlNetModel
 
-from .cli import DEFAULT_MODEL, DTYPES, add_model_options, check_device, check_model, read_image, write_config
+from .cli import DEFAULT_MODEL, add_model_options, check_device, check_model, read_image, torch_dtype, write_config
 from .pipeline_style_prompting import StylePromptingPipeline
 from .pipeline_style_prompting_xl import StylePromptingXLPipeline
 from .style_prompting import PRESETS, REAL_IMAGE_TEMPLATES
@@ -271,13 +271,13 @@ def load_style_pipeline(model: str, sdxl: bool, device, dtype: str, controlnet: 
     """The model as a Visual Style Prompting pipeline (no safety checker), in the dtype, on the device."""
     components = {}
     if controlnet is not None:
-        components["controlnet"] = ControlNetModel.from_pretrained(controlnet, dtype=DTYPES[dtype])
+        components["controlnet"] = ControlNetModel.from_pretrained(controlnet, dtype=torch_dtype(dtype))
     if sdxl:
-        pipe = StylePromptingXLPipeline.from_pretrained(model, dtype=DTYPES[dtype], **components)
+        pipe = StylePromptingXLPipeline.from_pretrained(model, dtype=torch_dtype(dtype), **components)
     else:
         pipe = StylePromptingPipeline.from_pretrained(
             model,
-            dtype=DTYPES[dtype],
+            dtype=torch_dtype(dtype),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

@@ -384,3 +384,24 @@ def test_subcommands_are_dispatched(tmp_path, capsys):
         main(["batch", "--help"])
     assert exit_info.value.code == 0
     assert "--manifest" in capsys.readouterr().out
+
+
+def test_help_needs_no_torch_and_prints_no_library_notice():
+    """Parsing the command line imports neither torch, diffusers nor transformers (they take seconds)."""
+    code = (
+        "import sys; from cross_image_attention import cli; cli.build_parser().parse_args(['--seed', '3']); "
+        "print(sorted(name for name in ('torch', 'diffusers', 'transformers') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]" and result.stderr == ""
+    result = subprocess.run(
+        [sys.executable, "-m", "cross_image_attention", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--num_timesteps" in result.stdout and result.stderr == ""
+
+
+def test_command_line_defaults_are_the_pipeline_signature():
+    # Read from the source (no import) for a fast --help; the same values as the imported signature.
+    from cross_image_attention.pipeline_cross_image import call_defaults
+
+    assert cli.DEFAULTS == call_defaults()
