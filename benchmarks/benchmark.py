@@ -91,15 +91,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_pipeline(args) -> CrossImageAttentionPipeline:
+def build_pipeline(args, pipeline_class=CrossImageAttentionPipeline):
+    """`args.model` as ``pipeline_class`` (any SD 1.x/2.x pipeline of this project), or SD 1.5's shapes with random
+    weights, in `args.dtype` on `args.device`."""
     dtype = DTYPES[args.dtype]
     if args.model:
-        pipe = CrossImageAttentionPipeline.from_pretrained(
+        pipe = pipeline_class.from_pretrained(
             args.model, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     else:
         torch.manual_seed(0)
-        pipe = CrossImageAttentionPipeline(
+        pipe = pipeline_class(
             vae=AutoencoderKL(**SD15_VAE),
             text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)),
             tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER),

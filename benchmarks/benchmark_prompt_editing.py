@@ -21,8 +21,6 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from cross_image_attention.pipeline_prompt_editing import FreePromptEditingPipeline
 
@@ -54,33 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_pipeline(args) -> FreePromptEditingPipeline:
-    dtype = DTYPES[args.dtype]
-    if args.model:
-        pipe = FreePromptEditingPipeline.from_pretrained(
-            args.model, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    else:
-        torch.manual_seed(0)
-        pipe = FreePromptEditingPipeline(
-            vae=AutoencoderKL(**shared.SD15_VAE),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**shared.SD15_TEXT_ENCODER)),
-            tokenizer=CLIPTokenizer.from_pretrained(shared.TOKENIZER),
-            unet=UNet2DConditionModel(**shared.SD15_UNET),
-            scheduler=DDIMScheduler(**shared.SD15_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        if dtype != torch.float32:
-            pipe = pipe.to(dtype=dtype)
-    return pipe.to(args.device)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    pipe = build_pipeline(args)
+    pipe = shared.build_pipeline(args, FreePromptEditingPipeline)
     pipe.set_progress_bar_config(disable=True)
     counter = []
     pipe.unet.register_forward_pre_hook(

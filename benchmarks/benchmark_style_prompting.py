@@ -18,11 +18,10 @@ CPU the peak RSS cannot be reset, so that second peak includes the first call's)
 """
 
 import argparse
+import importlib.util
 import json
 import platform
-import resource
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,19 @@ from cross_image_attention.pipeline_style_prompting import StylePromptingPipelin
 from cross_image_attention.pipeline_style_prompting_xl import StylePromptingXLPipeline
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
-TOKENIZER = DATA / "tiny_sd" / "tokenizer"  # byte-level; its ids fit CLIP's vocabulary
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_sibling(name: str):
+    """A module of this folder, which is not a package."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks.{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The byte-level tokenizer, dtypes and the measurement, shared with the appearance-transfer benchmark.
+shared = load_sibling("benchmark")
+TOKENIZER, DTYPES = shared.TOKENIZER, shared.DTYPES
 TEXT_TOKENS = 77
 TINY_SIZE = 128  # the tiny SDXL's native size; 16x16 latents
 
@@ -192,24 +202,6 @@ def reference_attention_bytes(pipe, height: int, width: int, rows: int, dtype: t
     return largest
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def measure(call, device: torch.device) -> tuple:
-    """Run ``call()``; its result, seconds and peak memory (GiB)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    result = call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start, peak_memory_gib(device)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -239,14 +231,14 @@ def main(argv=None) -> dict:
             reference_generator=torch.Generator().manual_seed(42),
         )
 
-    output, seconds, peak = measure(call, device)
+    output, seconds, peak, unet_forwards = shared.measure(call, device, unet_rows)
     rows = 2 * (1 + args.images)
     results = {
         "pipeline": args.pipeline,
         "seconds": round(seconds, 3),
         "peak_memory_gib": round(peak, 3),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
-        "unet_sample_forwards": sum(unet_rows),
+        "unet_sample_forwards": unet_forwards,
         "reference_unet_sample_forwards": args.num_inference_steps * rows,
         "vae_encodes": len(vae_encodes),
         "reference_vae_encodes": args.num_inference_steps if args.reference_image else 0,
@@ -259,7 +251,7 @@ def main(argv=None) -> dict:
     }
     if args.explicit_attention:
         pipe.unet.set_attn_processor(AttnProcessor())
-        _, explicit_seconds, explicit_peak = measure(call, device)
+        _, explicit_seconds, explicit_peak, _ = shared.measure(call, device, unet_rows)
         results.update(
             explicit_attention_seconds=round(explicit_seconds, 3),
             explicit_attention_peak_memory_gib=round(explicit_peak, 3),
