@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .cli import check_device
 
 CONFIG_FILE = "config.json"
 DONE_MARKER = "done"
@@ -897,12 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device: unknown device {args.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available")
+        device = check_device(args.device)
         models = metrics.MetricModels(
             dino_model=args.dino_model,
             clip_model=args.clip_model,
