@@ -389,11 +389,13 @@ def cache_key(image_bytes: bytes, role: str, settings: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def load_pipeline(model: str, device: str | torch.device, dtype: str) -> CrossImageAttentionPipeline:
-    """The model as a `CrossImageAttentionPipeline` (its scheduler becomes DDIM), in the dtype, on the device."""
-    from .pipeline_cross_image import CrossImageAttentionPipeline
+def load_pipeline(model: str, device: str | torch.device, dtype: str, pipeline_class=None):
+    """The model as a `CrossImageAttentionPipeline` (its scheduler becomes DDIM), or as ``pipeline_class`` (another
+    SD 1.x/2.x pipeline of this project), without the safety checker, in the dtype, on the device."""
+    if pipeline_class is None:
+        from .pipeline_cross_image import CrossImageAttentionPipeline as pipeline_class
 
-    pipe = CrossImageAttentionPipeline.from_pretrained(
+    pipe = pipeline_class.from_pretrained(
         model,
         dtype=torch_dtype(dtype),  # diffusers >= 0.40 name; `torch_dtype` is deprecated
         safety_checker=None,

@@ -21,8 +21,8 @@ from .cli import (
     add_model_options,
     check_device,
     check_model,
+    load_pipeline,
     read_image,
-    torch_dtype,
     write_atomically,
     write_config,
 )
@@ -122,10 +122,7 @@ def load_edit_pipeline(model: str, device: str | torch.device, dtype: str) -> Fr
         device: The torch device.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     """
-    pipe = FreePromptEditingPipeline.from_pretrained(
-        model, dtype=torch_dtype(dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    return pipe.to(device)
+    return load_pipeline(model, device, dtype, FreePromptEditingPipeline)
 
 
 def run_edit(
