@@ -41,6 +41,7 @@ from .inputs import (
     image_to_pixels,
     per_item,
 )
+from .sd_glue import size_multiple_of
 
 # Quirk 1 ("advanced sampling"): the first three steps use a hard-coded guidance scale of 20.
 EARLY_GUIDANCE_SCALE = 20.0
@@ -552,7 +553,7 @@ class StylePromptingMixin:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        return size_multiple_of(self.vae_scale_factor, self.unet.config)
 
     @property
     def default_size(self) -> int:
