@@ -220,14 +220,15 @@ class ControlledAttnProcessor:
                 attention_mask = attention_mask[kv_index]
         request = controller.capture.get(self.name) if groups is not None else None
         if request is not None:
-            rows = torch.cat([torch.arange(batch_size)[groups.rows(name)] for name in request.groups])
+            batch_rows = torch.arange(batch_size, device=query.device)
+            rows = torch.cat([batch_rows[groups.rows(name)] for name in request.groups])
             controller.record(
                 request.key, head_averaged_probabilities(query[rows], key[rows], controller.query_chunk_size)
             )
 
         if contrasted:  # contrasted rows need explicit probabilities; every other row runs fused
             hidden_states = torch.empty_like(query)
-            plain = torch.ones(batch_size, dtype=torch.bool)
+            plain = torch.ones(batch_size, dtype=torch.bool, device=query.device)
             for edit in contrasted:
                 rows = groups.rows(edit.receiver)
                 plain[rows] = False
